@@ -1,0 +1,60 @@
+"""Exact ε-predictors for Gaussian and Gaussian-mixture data: ground truth for testing samplers and guidance.
+
+For x_0 ~ Σ_k π_k N(μ_k, s_k² I), the forward marginal is p_t = Σ_k π_k N(√ᾱ_t μ_k, v_k I) with
+v_k = ᾱ_t s_k² + 1 − ᾱ_t, so the score is ∇log p_t(x) = Σ_k r_k(x) · (√ᾱ_t μ_k − x)/v_k with responsibilities
+r_k ∝ π_k N(x; √ᾱ_t μ_k, v_k I), and the optimal ε-predictor is ε*(x, t) = −√(1−ᾱ_t) ∇log p_t(x) (seed 002).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gaussian import GaussianDiffusion
+
+
+class GaussianMixtureModel:
+    """The exact network for a mixture of isotropic Gaussians in D dimensions.
+
+    means: (K, D); stds: (K,); weights: (K,) summing to 1. Called as ``model(x (B, D), t (B,), cond)``, it
+    returns the exact ε (or v / x_0, following ``diffusion.prediction``). ``cond`` may be None (the mixture)
+    or an int64 tensor (B,) of component indices with −1 meaning "unconditional": the exact class-conditional
+    model for classifier-free-guidance tests.
+    """
+
+    def __init__(self, diffusion: GaussianDiffusion, means, stds, weights=None):
+        self.diffusion = diffusion
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        k = self.means.shape[0]
+        self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(k)
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = w / w.sum()
+
+    def score(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        xd = x.double()
+        ab = self.diffusion.alpha_bar(t, xd[:, :1])  # (B, 1)
+        mu = ab.sqrt()[:, None, :] * self.means[None]  # (B, K, D)
+        var = ab[:, None, :] * self.stds[None, :, None] ** 2 + (1 - ab[:, None, :])  # (B, K, 1)
+        diff = xd[:, None, :] - mu
+        d = x.shape[1]
+        logp = -0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * d * torch.log(var[..., 0]) + torch.log(self.weights)[None]
+        if cond is not None:
+            cond = torch.as_tensor(cond, device=x.device).long()
+            onehot = torch.nn.functional.one_hot(cond.clamp(min=0), len(self.weights)).bool()
+            keep = onehot | (cond[:, None] < 0)  # −1: all components (unconditional)
+            logp = logp.masked_fill(~keep, float("-inf"))
+        r = torch.softmax(logp, dim=1)  # (B, K)
+        return (r[..., None] * (-diff / var)).sum(1)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        score = self.score(x, t, cond)
+        ab = self.diffusion.alpha_bar(t, x.double())
+        eps = -(1 - ab).sqrt() * score
+        if self.diffusion.prediction == "epsilon":
+            out = eps
+        else:
+            x0 = self.diffusion.x0_from_eps(x.double(), t, eps) if bool((ab > 0).all()) else None
+            if x0 is None:  # ᾱ_t = 0 somewhere: E[x_0 | x_t] is the data mean there
+                x0 = (self.diffusion.x0_from_eps(x.double(), t, eps)).nan_to_num()
+                x0 = torch.where(ab > 0, x0, (self.weights[:, None] * self.means).sum(0))
+            out = x0 if self.diffusion.prediction == "x0" else self.diffusion.v_target(x0, t, eps)
+        return out.to(x.dtype)
