@@ -27,7 +27,7 @@ from .schedules import SCHEDULES, make_betas
 
 PREDICTIONS = ("epsilon", "v", "x0")
 WEIGHTINGS = ("simple", "elbo", "min_snr")
-SPACINGS = ("linspace", "leading", "trailing", "logsnr")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
 
 # A network as the diffusion core sees it: (x_t, t, cond) -> raw output in the model's parameterisation.
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -255,14 +255,16 @@ class GaussianDiffusion:
         return {"loss": weight * mse, "mse": mse, "t": t}
 
     # ------------------------------------------------------------------ sampling support
-    def timesteps(self, num_steps: int | None = None, spacing: Literal["linspace", "leading", "trailing", "logsnr"] = "linspace"):
+    def timesteps(self, num_steps: int | None = None, spacing: str = "linspace"):
         """A descending subset of the T timesteps for a sampler run (timestep respacing).
 
         ``linspace`` spans T−1 … 0 evenly (the first step starts from the noisiest level);
         ``leading`` is DDIM's / diffusers' default (0, k, 2k, … reversed, k = T // steps);
         ``trailing`` ends at T−1 (Lin et al. 2024, Table 2); ``logsnr`` is uniform in λ = ½ log SNR between
-        the noisiest and the cleanest step (Lu et al. 2022), rounded to the nearest timesteps — where several
-        round to the same timestep near t = 0 they are merged, so it can return fewer steps than asked.
+        the noisiest and the cleanest step (Lu et al. 2022); ``karras`` is uniform in σ^(1/ρ), ρ = 7, with
+        σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, eq. 5), which keeps an ODE solver's steps small relative to σ.
+        ``logsnr`` and ``karras`` round to the nearest timesteps; where several round to the same timestep
+        near t = 0 they are merged, so they can return fewer steps than asked.
         Returns int64 of shape (steps,), strictly descending.
         """
         T = self.num_steps
@@ -277,7 +279,10 @@ class GaussianDiffusion:
         elif spacing == "trailing":
             ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round().long() - 1
         else:
-            lam = 0.5 * torch.log(self.snr.clamp(min=1e-20))  # decreasing in t
-            grid = torch.linspace(float(lam[-1]), float(lam[0]), n, dtype=torch.float64)
-            ts = (lam[None, :] - grid[:, None]).abs().argmin(1).unique().flip(0)
+            # both are monotone in t: λ = ½ log SNR decreases, σ^(1/ρ) = SNR^(−1/2ρ) increases
+            key = 0.5 * torch.log(self.snr.clamp(min=1e-20))
+            if spacing == "karras":
+                key = self.snr.clamp(min=1e-20) ** (-0.5 / 7.0)
+            grid = torch.linspace(float(key[-1]), float(key[0]), n, dtype=torch.float64)
+            ts = (key[None, :] - grid[:, None]).abs().argmin(1).unique().flip(0)
         return ts

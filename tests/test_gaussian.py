@@ -171,7 +171,7 @@ def test_score_is_gradient_of_log_q():
     torch.testing.assert_close(d.score_from_eps(xt.detach(), t, eps), grad, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "logsnr"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "logsnr", "karras"])
 def test_timesteps_are_descending_subsets(spacing):
     d = _diffusion()
     for n in [1, 7, 20, 50, 1000]:
