@@ -1,0 +1,129 @@
+"""Classifier-free guidance on a class-conditional Gaussian mixture with exact conditional and unconditional models."""
+
+import math
+
+import pytest
+import torch
+
+from diffusion import DiffusionConfig, GaussianDiffusion, Guidance, sample
+from diffusion.analytic import GaussianMixtureModel
+from diffusion.guidance import Denoiser, concat_cond, dynamic_threshold
+
+N = 20_000
+MEANS, STD, W = [[0.6, 0.0], [-0.6, 0.0]], 0.5, [0.5, 0.5]  # overlapping classes: p(c | x) is far from 0 or 1
+
+
+def _setup(prediction="epsilon"):
+    d = GaussianDiffusion.from_config(DiffusionConfig(prediction=prediction))
+    return d, GaussianMixtureModel(d, MEANS, [STD, STD], W)
+
+
+def _class0_posterior(x):
+    """p(c = 0 | x) under the data distribution (equal weights, equal stds)."""
+    m = torch.tensor(MEANS, dtype=x.dtype)
+    logp = -((x[:, None, :] - m[None]) ** 2).sum(-1) / (2 * STD**2)
+    return torch.softmax(logp, 1)[:, 0]
+
+
+def _guided(scale, sampler="ddpm", steps=1000, prediction="epsilon", seed=0):
+    d, model = _setup(prediction)
+    x = torch.randn(N, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cond = torch.zeros(N, dtype=torch.long)  # class 0
+    g = Guidance(scale=scale, uncond=torch.full((1,), -1, dtype=torch.long))
+    return sample(sampler, model, x, d, steps=steps, cond=cond, guidance=g, generator=torch.Generator().manual_seed(seed + 1))
+
+
+def test_w0_is_unconditional_w1_is_conditional_and_w_gt_1_moves_toward_the_class():
+    se = 4 / math.sqrt(N)
+    out0, out1, out3 = _guided(0.0), _guided(1.0), _guided(3.0)
+    # w = 0: the mixture (mean 0, per-axis std √(s² + 0.6²) along the class axis)
+    assert abs(out0[:, 0].mean()) < se * 0.8 + 0.01
+    assert abs(out0[:, 0].std() - math.sqrt(STD**2 + 0.36)) < 0.03
+    # w = 1: class 0 alone, N(MEANS[0], STD²)
+    torch.testing.assert_close(out1.mean(0), torch.tensor(MEANS[0], dtype=torch.float64), atol=se * STD + 0.01, rtol=0)
+    assert (out1.std(0) - STD).abs().max() < STD * (se + 0.02)
+    # the class posterior of the samples, E[p(c=0 | x)]: matches its exact value for w = 0 and 1, grows for w > 1
+    ref = torch.randn(N, 2, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * STD + torch.tensor(MEANS[0])
+    p0, p1, p3 = (_class0_posterior(o).mean() for o in (out0, out1, out3))
+    assert abs(p0 - 0.5) < 0.02
+    assert abs(p1 - _class0_posterior(ref).mean()) < 0.02
+    assert p3 > p1 + 0.05 and out3[:, 0].mean() > out1[:, 0].mean() + 0.1
+
+
+def test_guidance_is_the_same_for_epsilon_and_v_networks():
+    a = _guided(2.5, "ddim", 50, "epsilon")
+    b = _guided(2.5, "ddim", 50, "v")
+    torch.testing.assert_close(a, b, atol=1e-8, rtol=1e-8)
+
+
+def test_one_batched_forward_per_step_and_uncond_is_the_negative_prompt():
+    d, _ = _setup()
+    calls = []
+
+    def model(x, t, cond):
+        calls.append((x.shape[0], cond))
+        return torch.zeros_like(x)
+
+    x = torch.randn(3, 2, dtype=torch.float64)
+    neg = {"tokens": torch.full((1, 4), 7.0), "mask": torch.ones(1, 4, dtype=torch.bool)}
+    pos = {"tokens": torch.ones(3, 4), "mask": torch.ones(3, 4, dtype=torch.bool)}
+    sample("ddim", model, x, d, steps=10, cond=pos, guidance=Guidance(scale=4.0, uncond=neg))
+    assert len(calls) == 10 and all(b == 6 for b, _ in calls)
+    seen = calls[0][1]["tokens"]
+    assert torch.equal(seen[:3], pos["tokens"]) and torch.equal(seen[3:], torch.full((3, 4), 7.0))
+    # w = 1 and w = 0 need only one branch
+    calls.clear()
+    sample("ddim", model, x, d, steps=5, cond=pos, guidance=Guidance(scale=1.0))
+    sample("ddim", model, x, d, steps=5, cond=pos, guidance=Guidance(scale=0.0, uncond=neg))
+    assert [b for b, _ in calls] == [3] * 10
+    assert torch.equal(calls[-1][1]["tokens"], torch.full((3, 4), 7.0))
+
+
+def test_guidance_combination_formula():
+    d, _ = _setup()
+    cond_out, uncond_out = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+
+    def model(x, t, cond):
+        return torch.cat([cond_out, uncond_out])
+
+    den = Denoiser(model, d, cond=torch.zeros(2), guidance=Guidance(scale=3.0, uncond=torch.ones(1)))
+    out = den.raw(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([10, 10]))
+    torch.testing.assert_close(out, uncond_out + 3.0 * (cond_out - uncond_out))
+    # guidance rescale φ = 1: the guided output takes the conditional output's per-sample std
+    den = Denoiser(model, d, cond=torch.zeros(2), guidance=Guidance(scale=3.0, uncond=torch.ones(1), rescale=1.0))
+    out = den.raw(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([10, 10]))
+    torch.testing.assert_close(out.std(1), cond_out.std(1))
+
+
+def test_dynamic_thresholding_and_clipping():
+    x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [3.0, -6.0, 1.0, 0.0]], dtype=torch.float64)
+    out = dynamic_threshold(x0, 0.5)
+    torch.testing.assert_close(out[0], x0[0])  # s = max(1, q) = 1: in-range samples are unchanged
+    s = torch.quantile(x0[1].abs(), 0.5)
+    torch.testing.assert_close(out[1], x0[1].clamp(-s, s) / s)
+    assert out.abs().max() <= 1
+    d, model = _setup()
+    den = Denoiser(model, d, guidance=Guidance(clip_x0=0.1))
+    x = torch.randn(64, 2, dtype=torch.float64) * 5
+    eps, x0c = den(x, torch.full((64,), 100))
+    assert x0c.abs().max() <= 0.1 + 1e-12
+    torch.testing.assert_close(d.x0_from_eps(x, 100, eps), x0c)  # ε̂ consistent with the clipped x̂_0
+
+
+def test_concat_cond_errors_and_expansion():
+    out = concat_cond(torch.ones(3, 2), torch.zeros(1, 2), 3)
+    assert out.shape == (6, 2)
+    with pytest.raises(ValueError, match="different keys"):
+        concat_cond({"a": torch.ones(1)}, {"b": torch.ones(1)}, 1)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"scale": -1.0, "uncond": 0}, "guidance scale must be >= 0"),
+    ({"scale": 3.0}, "needs `uncond`"),
+    ({"scale": 2.0, "uncond": 0, "rescale": 1.5}, "rescale"),
+    ({"dynamic_threshold": 1.5}, "percentile"),
+    ({"clip_x0": 0.0}, "clip_x0"),
+])
+def test_bad_guidance_arguments(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Guidance(**kw)
