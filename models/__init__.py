@@ -1,0 +1,6 @@
+"""Networks and text encoders."""
+
+from .registry import SIZES, build_model, model_config
+from .unet import UNet, UNetConfig
+
+__all__ = ["UNet", "UNetConfig", "SIZES", "build_model", "model_config"]

@@ -1,0 +1,70 @@
+"""Multi-head attention with a pluggable kernel: xformers' memory-efficient attention on CUDA when installed,
+PyTorch's scaled_dot_product_attention (flash / memory-efficient / math, chosen by PyTorch) otherwise.
+
+Backend choice is made per call from where the tensors live, and logged once per backend.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def select_backend(requested: str, device: torch.device) -> str:
+    """The kernel to use: ``auto`` = xformers when installed and on CUDA, else SDPA."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; allowed values: {', '.join(BACKENDS)}")
+    if requested == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if requested == "xformers" and not (device.type == "cuda" and xformers_available()):
+        raise RuntimeError("attention backend 'xformers' needs the xformers package and CUDA tensors; "
+                           "install it with `pip install -e .[gpu]` or use attention='auto' / 'sdpa'")
+    return requested
+
+
+def _log_once(backend: str) -> None:
+    if backend not in _logged:
+        _logged.add(backend)
+        log.info("attention backend: %s", {"xformers": "xformers memory-efficient attention",
+                                           "sdpa": "torch scaled_dot_product_attention",
+                                           "math": "naive softmax(QKᵀ/√d)V"}[backend])
+
+
+def naive_attention(q, k, v, mask=None):
+    """softmax(QKᵀ/√d + bias) V, the reference. q: (B, H, Lq, d), k/v: (B, H, Lk, d), mask: (B, Lk) bool (True = keep)."""
+    w = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        w = w.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return w.softmax(-1) @ v
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              backend: str = "auto") -> torch.Tensor:
+    """Attention of q (B, H, Lq, d) over k, v (B, H, Lk, d); ``mask`` (B, Lk) bool marks the keys to keep
+    (text padding is False). Returns (B, H, Lq, d)."""
+    backend = select_backend(backend, q.device)
+    _log_once(backend)
+    if backend == "math":
+        return naive_attention(q, k, v, mask)
+    if backend == "xformers":
+        import xformers.ops as xops  # optional, GPU only
+
+        bias = None
+        if mask is not None:  # (B, H, Lq, Lk) additive bias; xformers wants (B, L, H, d) layout
+            bias = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2], device=q.device, dtype=q.dtype)
+            bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+        return out.transpose(1, 2)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

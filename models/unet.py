@@ -1,0 +1,220 @@
+"""A text-conditioned U-Net ε_θ(x_t, t, y) (GLIDE / Imagen / Stable Diffusion recipe; improved-diffusion's blocks).
+
+Residual blocks with adaptive scale-shift GroupNorm driven by the timestep embedding (+ the pooled caption
+embedding), self-attention and cross-attention to the caption tokens at chosen levels, skip connections between
+the down and up paths, zero-initialised output layers. The network maps (x_t, t, text conditioning) to a
+prediction and nothing else: no diffusion math, no distributed code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import attention
+
+
+@dataclass
+class UNetConfig:
+    """The model section of a run's config (see ``models.registry`` for the named sizes)."""
+
+    in_channels: int = 3  # 3 for pixels, 4 for SD-style latents
+    out_channels: int | None = None  # default: in_channels
+    base_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)  # one entry per resolution level
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (1, 2, 3)  # levels (0 = full resolution) with self- and cross-attention
+    head_channels: int = 64  # channels per attention head
+    dropout: float = 0.0
+    context_dim: int = 512  # width of the text encoder's token embeddings
+    pooled_dim: int | None = 512  # width of the pooled caption embedding (None: not used)
+    gradient_checkpointing: bool = False
+    attention_backend: str = "auto"  # auto | sdpa | xformers | math
+
+    def __post_init__(self):
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_levels = tuple(self.attention_levels)
+        bad = [lv for lv in self.attention_levels if not 0 <= lv < len(self.channel_mult)]
+        if bad:
+            raise ValueError(f"attention_levels {bad} out of range: levels are 0..{len(self.channel_mult) - 1}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps t (B,) → (B, dim) (Vaswani et al. 2017; DDPM)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.cos(), args.sin()], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, ch // 4) if ch % 32 else 32, ch)
+
+
+def _zero(m: nn.Module) -> nn.Module:
+    for p in m.parameters():
+        nn.init.zeros_(p)
+    return m
+
+
+class ResBlock(nn.Module):
+    """GN → SiLU → conv, then GN(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv (zero init)."""
+
+    def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
+        self.out_norm = _norm(cout)
+        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x, emb, ctx=None, mask=None):
+        h = self.in_layers(x)
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = self.out_norm(h) * (1 + scale) + shift
+        return self.skip(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the H·W positions, then cross-attention to the caption tokens (padding masked)."""
+
+    def __init__(self, ch: int, context_dim: int, head_channels: int, backend: str):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.backend = backend
+        self.norm1, self.qkv = _norm(ch), nn.Conv1d(ch, 3 * ch, 1)
+        self.proj1 = _zero(nn.Conv1d(ch, ch, 1))
+        self.norm2, self.q = _norm(ch), nn.Conv1d(ch, ch, 1)
+        self.kv = nn.Linear(context_dim, 2 * ch)
+        self.proj2 = _zero(nn.Conv1d(ch, ch, 1))
+
+    def _split(self, x):  # (B, C, L) → (B, H, L, C/H)
+        b, c, n = x.shape
+        return x.reshape(b, self.heads, c // self.heads, n).transpose(-1, -2)
+
+    def _merge(self, x):  # (B, H, L, d) → (B, C, L)
+        b, h, n, d = x.shape
+        return x.transpose(-1, -2).reshape(b, h * d, n)
+
+    def forward(self, x, emb=None, ctx=None, mask=None):
+        b, c, hh, ww = x.shape
+        h = x.reshape(b, c, hh * ww)
+        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=1)
+        h = h + self.proj1(self._merge(attention(self._split(q), self._split(k), self._split(v), backend=self.backend)))
+        if ctx is not None:
+            q = self._split(self.q(self.norm2(h)))
+            k, v = self.kv(ctx).transpose(1, 2).chunk(2, dim=1)  # (B, C, L_text) each
+            out = attention(q, self._split(k), self._split(v), mask=mask, backend=self.backend)
+            h = h + self.proj2(self._merge(out))
+        return h.reshape(b, c, hh, ww)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x, emb=None, ctx=None, mask=None):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, emb=None, ctx=None, mask=None):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.ModuleList):
+    """A sequence of blocks that all take (x, emb, ctx, mask)."""
+
+    def forward(self, x, emb, ctx, mask, use_checkpoint=False):
+        for block in self:
+            if use_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(block, x, emb, ctx, mask, use_reentrant=False)
+            else:
+                x = block(x, emb, ctx, mask)
+        return x
+
+
+class UNet(nn.Module):
+    """ε_θ(x_t, t, y): ``forward(x (B, C, H, W), t (B,), cond)`` → (B, C_out, H, W).
+
+    ``cond`` is None (unconditional) or a dict from a text encoder: ``tokens`` (B, L, context_dim),
+    ``mask`` (B, L) bool (True = real token) and ``pooled`` (B, pooled_dim).
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch0, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.pooled_embed = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        self.input_conv = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        def attn(ch):
+            return AttentionBlock(ch, cfg.context_dim, cfg.head_channels, cfg.attention_backend)
+
+        self.down, skips, ch = nn.ModuleList(), [ch0], ch0
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                blocks = [ResBlock(ch, ch0 * mult, emb_dim, cfg.dropout)]
+                ch = ch0 * mult
+                if level in cfg.attention_levels:
+                    blocks.append(attn(ch))
+                self.down.append(Stage(blocks))
+                skips.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.down.append(Stage([Downsample(ch)]))
+                skips.append(ch)
+        self.middle = Stage([ResBlock(ch, ch, emb_dim, cfg.dropout), attn(ch), ResBlock(ch, ch, emb_dim, cfg.dropout)])
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                blocks = [ResBlock(ch + skips.pop(), ch0 * mult, emb_dim, cfg.dropout)]
+                ch = ch0 * mult
+                if level in cfg.attention_levels:
+                    blocks.append(attn(ch))
+                if level != 0 and i == cfg.num_res_blocks:
+                    blocks.append(Upsample(ch))
+                self.up.append(Stage(blocks))
+        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cfg.out_channels or cfg.in_channels, 3, padding=1)))
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.cfg.channel_mult) - 1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        f = self.downsample_factor
+        if x.shape[-1] % f or x.shape[-2] % f:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} cannot be downsampled evenly by this U-Net: height and "
+                             f"width must be multiples of {f} (2^(levels−1), levels = {len(self.cfg.channel_mult)})")
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected {self.cfg.in_channels} input channels, got {x.shape[1]}")
+        emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))  # (B, 4·C0)
+        ctx = mask = None
+        if cond is not None:
+            ctx, mask = cond["tokens"].to(x.dtype), cond.get("mask")
+            if self.pooled_embed is not None and cond.get("pooled") is not None:
+                emb = emb + self.pooled_embed(cond["pooled"].to(x.dtype))
+        ckpt = self.cfg.gradient_checkpointing and self.training
+        h, hs = self.input_conv(x), []
+        hs.append(h)
+        for stage in self.down:
+            h = stage(h, emb, ctx, mask, ckpt)
+            hs.append(h)
+        h = self.middle(h, emb, ctx, mask, ckpt)
+        for stage in self.up:
+            h = stage(torch.cat([h, hs.pop()], dim=1), emb, ctx, mask, ckpt)
+        return self.out(h)

@@ -1,0 +1,148 @@
+"""The U-Net: sizes, conditioning, padding invariance, checkpointing, attention backends, bad input."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from models import SIZES, UNet, build_model, model_config
+from models import attention as attn_mod
+from models.attention import attention, naive_attention, select_backend
+
+
+def _randomize(m: nn.Module, seed=0):
+    """Break the zero-initialised output layers so that outputs depend on everything."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def _cond(b=2, length=12, real=5, dim=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[:, :real] = True
+    return {"tokens": torch.randn(b, length, dim, generator=g), "mask": mask, "pooled": torch.randn(b, dim, generator=g)}
+
+
+def _tiny(**kw):
+    return build_model("tiny", context_dim=64, pooled_dim=64, **kw)
+
+
+@pytest.mark.parametrize("size, lo, hi", [("tiny", 1e6, 3e6), ("small", 90e6, 130e6), ("base", 350e6, 480e6), ("large", 0.9e9, 1.2e9)])
+def test_every_size_builds_with_its_parameter_count(size, lo, hi):
+    with torch.device("meta"):
+        m = build_model(size)
+    assert lo < m.num_parameters() < hi
+
+
+@pytest.mark.parametrize("size, res", [("tiny", 32), ("small", 16)])
+def test_small_sizes_run_forward(size, res):
+    m = build_model(size).eval()
+    x = torch.randn(2, 3, res, res)
+    with torch.no_grad():
+        out = m(x, torch.tensor([0, 999]), _cond(dim=512))
+    assert out.shape == x.shape
+    assert torch.count_nonzero(out) == 0  # zero-initialised output layer
+
+
+def test_latent_inputs_and_unconditional():
+    m = _randomize(_tiny(in_channels=4)).eval()
+    out = m(torch.randn(2, 4, 16, 16), torch.tensor([5, 6]), None)
+    assert out.shape == (2, 4, 16, 16)
+
+
+def test_conditioning_matters_and_padding_does_not():
+    m = _randomize(_tiny()).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([100, 500])
+    c1, c2 = _cond(seed=1), _cond(seed=2)
+    with torch.no_grad():
+        o1, o2 = m(x, t, c1), m(x, t, c2)
+        assert (o1 - o2).abs().max() > 1e-3
+        # the same 5 real tokens padded to 12 and to 30 with different garbage: same output
+        long = {"tokens": torch.cat([c1["tokens"][:, :5], torch.randn(2, 25, 64)], 1),
+                "mask": torch.cat([c1["mask"][:, :5], torch.zeros(2, 25, dtype=torch.bool)], 1), "pooled": c1["pooled"]}
+        torch.testing.assert_close(m(x, t, long), o1, atol=1e-5, rtol=1e-5)
+        # the pooled embedding is used too
+        p = dict(c1, pooled=torch.randn(2, 64))
+        assert (m(x, t, p) - o1).abs().max() > 1e-4
+
+
+def test_timestep_matters():
+    m = _randomize(_tiny()).eval()
+    x, c = torch.randn(1, 3, 16, 16), _cond(b=1)
+    with torch.no_grad():
+        assert (m(x, torch.tensor([10]), c) - m(x, torch.tensor([900]), c)).abs().max() > 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    base = _randomize(_tiny(dropout=0.0))
+    ck = _tiny(dropout=0.0, gradient_checkpointing=True)
+    ck.load_state_dict(base.state_dict())
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _cond()
+    grads = []
+    for m in (base, ck):
+        m.train()
+        m.zero_grad()
+        m(x, t, c).pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_channels_last_gives_the_same_output():
+    m = _randomize(_tiny()).eval()
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), _cond()
+    with torch.no_grad():
+        ref = m(x, t, c)
+        m2 = m.to(memory_format=torch.channels_last)
+        out = m2(x.to(memory_format=torch.channels_last), t, c)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_equals_naive_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 20, 16, generator=g) for _ in range(3))
+    k, v = k[:, :, :9], v[:, :, :9]
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[2, 1:] = False
+    for m in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, m, backend="sdpa"), naive_attention(q, k, v, m), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attention(q, k, v, m, backend="math"), naive_attention(q, k, v, m), atol=0, rtol=0)
+
+
+def test_backend_selection(monkeypatch, caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: False)
+    assert select_backend("auto", cpu) == "sdpa" and select_backend("auto", cuda) == "sdpa"
+    with pytest.raises(RuntimeError, match="xformers"):
+        select_backend("xformers", cpu)
+    monkeypatch.setattr(attn_mod, "xformers_available", lambda: True)
+    assert select_backend("auto", cuda) == "xformers"
+    assert select_backend("auto", cpu) == "sdpa"  # xformers is CUDA-only
+    with pytest.raises(ValueError, match="allowed values: auto, sdpa, xformers, math"):
+        select_backend("flash3", cpu)
+    # the choice is logged once
+    monkeypatch.setattr(attn_mod, "_logged", set())
+    with caplog.at_level(logging.INFO, logger="models.attention"):
+        for _ in range(3):
+            attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
+    assert sum("attention backend" in r.message for r in caplog.records) == 1
+
+
+def test_bad_resolution_says_what_is_expected():
+    m = _tiny()
+    with pytest.raises(ValueError, match=r"multiples of 4"):
+        m(torch.randn(1, 3, 18, 18), torch.tensor([0]), None)
+
+
+def test_unknown_size_and_keys():
+    with pytest.raises(ValueError, match="unknown model size 'huge'; allowed values: tiny, small, base, large"):
+        build_model("huge")
+    with pytest.raises(ValueError, match="unknown U-Net config keys"):
+        model_config("tiny", depth=3)
+    with pytest.raises(ValueError, match="attention_levels"):
+        model_config("tiny", attention_levels=(5,))
