@@ -71,6 +71,16 @@ def _ab(diffusion: GaussianDiffusion, t: int, x: torch.Tensor, floor: bool = Fal
     return ab.to(x.dtype)
 
 
+def _ancestral_step(diffusion, x, x0, t: int, s: int, generator, variance: str = "posterior"):
+    """x_s ~ N(μ̃, σ² I), the posterior q(x_s | x_t, x̂_0) between any two timesteps s < t (seed 001 with
+    α_{t|s} = ᾱ_t/ᾱ_s, β_{t|s} = 1 − α_{t|s}); σ² = β̃_{t|s} (``posterior``) or β_{t|s} (``beta``)."""
+    ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
+    alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s
+    mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_s) / (1 - ab_t) * x
+    var = (1 - ab_s) / (1 - ab_t) * beta if variance == "posterior" else beta
+    return mean + var.sqrt() * randn_like(x, generator)
+
+
 @torch.no_grad()
 def ddpm(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusion, cond: Any = None,
          guidance: Guidance | None = None, generator: Generator = None, callback: Callback | None = None,
@@ -85,14 +95,7 @@ def ddpm(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusio
     den, ts = _setup(model, x, timesteps, diffusion, cond, guidance)
     for i, (t, s) in enumerate(_steps(ts)):
         eps, x0 = den(x, _tvec(t, x))
-        if s < 0:
-            x = x0
-        else:
-            ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
-            alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s  # α_{t|s}, β_{t|s}
-            mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_s) / (1 - ab_t) * x
-            var = (1 - ab_s) / (1 - ab_t) * beta if variance == "posterior" else beta
-            x = mean + var.sqrt() * randn_like(x, generator)
+        x = x0 if s < 0 else _ancestral_step(diffusion, x, x0, t, s, generator, variance)
         if callback:
             callback(i, t, x, x0)
     return x
@@ -278,10 +281,7 @@ def predictor_corrector(model: ModelFn, x: torch.Tensor, timesteps, diffusion: G
         if s < 0:
             x = x0
         else:
-            ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
-            alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s
-            mean = ab_s.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_s) / (1 - ab_t) * x
-            x = mean + ((1 - ab_s) / (1 - ab_t) * beta).sqrt() * randn_like(x, generator)
+            x = _ancestral_step(diffusion, x, x0, t, s, generator)
             if corrector_steps:
                 x, _ = _langevin(den, diffusion, x, s, corrector_steps, snr, generator)
         if callback:
