@@ -245,8 +245,12 @@ class GaussianDiffusion:
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         xt = self.q_sample(x0, t, noise)
-        target = {"epsilon": noise, "v": lambda: self.v_target(x0, t, noise), "x0": x0}[self.prediction]
-        target = target() if callable(target) else target
+        if self.prediction == "epsilon":
+            target = noise
+        elif self.prediction == "v":
+            target = self.v_target(x0, t, noise)
+        else:
+            target = x0
         output = model(xt, t, cond)
         if output.shape != target.shape:
             raise ValueError(f"model output shape {tuple(output.shape)} != target shape {tuple(target.shape)}")
