@@ -52,9 +52,8 @@ class GaussianMixtureModel:
         if self.diffusion.prediction == "epsilon":
             out = eps
         else:
-            x0 = self.diffusion.x0_from_eps(x.double(), t, eps) if bool((ab > 0).all()) else None
-            if x0 is None:  # ᾱ_t = 0 somewhere: E[x_0 | x_t] is the data mean there
-                x0 = (self.diffusion.x0_from_eps(x.double(), t, eps)).nan_to_num()
-                x0 = torch.where(ab > 0, x0, (self.weights[:, None] * self.means).sum(0))
+            # x̂_0 = E[x_0 | x_t]; where ᾱ_t = 0 (zero terminal SNR) x_t says nothing and it is the data mean
+            x0 = self.diffusion.x0_from_eps(x.double(), t, eps).nan_to_num()
+            x0 = torch.where(ab > 0, x0, (self.weights[:, None] * self.means).sum(0))
             out = x0 if self.diffusion.prediction == "x0" else self.diffusion.v_target(x0, t, eps)
         return out.to(x.dtype)

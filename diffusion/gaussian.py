@@ -19,7 +19,7 @@ seed's one-step formula for s = t − 1 and is what lets every sampler run on a 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 

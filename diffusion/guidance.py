@@ -86,12 +86,10 @@ class Denoiser:
     def __init__(self, model: ModelFn, diffusion: GaussianDiffusion, cond: Any = None, guidance: Guidance | None = None):
         self.model, self.diffusion, self.cond = model, diffusion, cond
         self.guidance = guidance or Guidance()
-        self.nfe = 0  # network evaluations so far (a batched cond+uncond forward counts once)
 
     def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The guided network output at (x (B, ...), t (B,)), in the network's parameterisation."""
         g = self.guidance
-        self.nfe += 1
         if g.scale == 1:
             return self.model(x, t, self.cond)
         if g.scale == 0:

@@ -9,7 +9,7 @@ prediction and nothing else: no diffusion math, no distributed code.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F

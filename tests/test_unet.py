@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import SIZES, UNet, build_model, model_config
+from models import build_model, model_config
 from models import attention as attn_mod
 from models.attention import attention, naive_attention, select_backend
 
