@@ -1,0 +1,330 @@
+"""Data pipeline: toy set, shard writer round trips, exact / resampled epochs over ranks × workers, exact
+mid-epoch restore, and the bad-sample fixture (every good sample out, every bad one counted, nothing raises)."""
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import DataConfig, DataError, Loader, toy_sample
+from data.images import decode_image
+from data.write_shards import main as write_shards
+from data.write_shards import write_toy
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _png(img):
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpg(img, **kw):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def _add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def read_all(cfg, batch_size=1, **kw):
+    """Every sample of epoch 0 (and the loader), reading until every worker has moved past epoch 0."""
+    loader = Loader(cfg, batch_size=batch_size, **kw)
+    out = []
+    for batch in loader:
+        out += [(k, c, e) for k, c, e in zip(batch.keys, batch.captions, batch.epochs)]
+        if loader.positions and len(loader.positions) == loader.num_workers and loader.epoch >= 1:
+            break
+    return [o for o in out if o[2] == 0], loader
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "shards"
+    manifest = write_toy(out, count=96, resolution=16, seed=3, max_samples=12)
+    return out, manifest
+
+
+# --- toy data and writer -------------------------------------------------------------------------------------------
+
+def test_toy_is_deterministic_and_captions_vary():
+    a, cap_a, meta = toy_sample(7, seed=1, resolution=24)
+    b, cap_b, _ = toy_sample(7, seed=1, resolution=24)
+    assert cap_a == cap_b and np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (24, 24)
+    assert toy_sample(7, seed=2)[1] != cap_a or not np.array_equal(np.asarray(toy_sample(7, seed=2)[0]), a)
+    captions = [toy_sample(i, 0)[1] for i in range(200)]
+    assert len(set(captions)) > 100
+    for attr in ("shape", "colour", "size", "position", "background"):  # every attribute varies on its own
+        assert len({toy_sample(i, 0)[2][attr] for i in range(200)}) > 1
+    assert meta["colour"] in cap_a and meta["shape"] in cap_a and meta["background"] in cap_a
+
+
+def test_toy_shards_same_seed_same_content(tmp_path, toy_shards):
+    out, manifest = toy_shards
+    again = write_toy(tmp_path / "again", count=96, resolution=16, seed=3, max_samples=12)
+    assert manifest["samples"] == again["samples"] == 96 and manifest["num_shards"] == 8
+    cfg = lambda d: DataConfig(shards=str(d), num_workers=0, shuffle_buffer=0, resolution=16)  # noqa: E731
+    a, b = Loader(cfg(out), 96), Loader(cfg(tmp_path / "again"), 96)
+    ba, bb = next(iter(a)), next(iter(b))
+    assert ba.keys == bb.keys and ba.captions == bb.captions and torch.equal(ba.images, bb.images)
+
+
+def test_writer_round_trip_folder_csv_tsv_jsonl(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    expected = {}
+    for i in range(5):
+        img, caption, _ = toy_sample(i, 0, 20)
+        ext = ".png" if i % 2 else ".jpg"
+        img.save(src / f"im{i}{ext}")
+        (src / f"im{i}.txt").write_text(caption)
+        expected[f"im{i}{ext}"] = caption
+    toy_sample(9, 0, 20)[0].save(src / "nocaption.png")  # no .txt: skipped and counted
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    (src / "broken.txt").write_text("a broken file")
+
+    rows = [(name, cap) for name, cap in expected.items()]
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"src/{n},\"{c}\"\n" for n, c in rows))
+    (tmp_path / "t.tsv").write_text("image\tcaption\n" + "".join(f"src/{n}\t{c}\n" for n, c in rows))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"image": f"src/{n}", "caption": c}) + "\n" for n, c in rows))
+
+    runs = {"folder": ["folder", str(src)], "csv": ["table", str(tmp_path / "t.csv")],
+            "tsv": ["table", str(tmp_path / "t.tsv")], "jsonl": ["table", str(tmp_path / "t.jsonl"), "--format", "jpg"]}
+    for name, argv in runs.items():
+        out = tmp_path / f"out_{name}"
+        manifest = write_shards(argv + ["--out", str(out), "--max-samples", "2"])
+        assert manifest["samples"] == 5 and manifest["num_shards"] == 3, name
+        assert json.loads((out / "manifest.json").read_text())["shards_pattern"] == manifest["shards_pattern"]
+        if name == "folder":
+            assert manifest["skipped"] == {"missing_caption": 1, "not_an_image": 1}
+        got, _ = read_all(DataConfig(shards=manifest["shards_pattern"], num_workers=0, resolution=16))
+        assert sorted(c for _, c, _ in got) == sorted(expected.values()), name
+    # passed through unchanged: the first shard of the folder run holds the original bytes
+    with tarfile.open(tmp_path / "out_folder" / "00000.tar") as tar:
+        names = tar.getnames()
+        first_img = next(n for n in names if n.endswith((".jpg", ".png")))
+        data = tar.extractfile(first_img).read()
+        meta = json.loads(tar.extractfile(first_img.rsplit(".", 1)[0] + ".json").read())
+    assert data == open(meta["source"], "rb").read()
+
+
+def test_writer_refuses_to_mix_with_existing_shards(tmp_path):
+    write_toy(tmp_path, count=4)
+    with pytest.raises(FileExistsError):
+        write_toy(tmp_path, count=4)
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+def test_batches_shape_dtype_range(toy_shards):
+    out, _ = toy_shards
+    loader = Loader(DataConfig(shards=str(out), num_workers=0, resolution=12, crop="random", flip=True), 5)
+    batch = next(iter(loader))
+    assert batch.images.shape == (5, 3, 12, 12) and batch.images.dtype == torch.uint8
+    x = batch.pixels()
+    assert x.shape == (5, 3, 12, 12) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
+    assert torch.allclose((x + 1) * 127.5, batch.images.float(), atol=1e-4)
+    assert all(isinstance(c, str) and c for c in batch.captions) and len(batch.keys) == 5
+    assert batch.sizes.tolist() == [[16, 16]] * 5
+
+
+def test_caption_from_json_field(tmp_path):
+    path = tmp_path / "j.tar"
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "a.png", _png(Image.new("RGB", (8, 8), "red")))
+        _add(tar, "a.json", json.dumps({"caption": "from json"}).encode())
+    got, _ = read_all(DataConfig(shards=str(path), num_workers=0, resolution=8))
+    assert [c for _, c, _ in got] == ["from json"]
+
+
+# --- exact and resampled epochs over ranks and workers -------------------------------------------------------------
+
+def test_exact_epoch_two_ranks_two_workers_cover_every_sample_once(toy_shards):
+    out, manifest = toy_shards
+    cfg = DataConfig(shards=str(out), num_workers=2, shuffle_buffer=10, resolution=8)
+    seen = []
+    per_rank = []
+    for rank in range(2):
+        got, _ = read_all(cfg, batch_size=4, rank=rank, world_size=2)
+        per_rank.append({k for k, _, _ in got})
+        seen += [k for k, _, _ in got]
+    assert len(seen) == manifest["samples"] == len(set(seen))  # every sample once, no repeats
+    assert not per_rank[0] & per_rank[1]  # ranks read disjoint parts
+
+
+def test_exact_epoch_reshuffles_each_epoch(toy_shards):
+    out, _ = toy_shards
+    loader = Loader(DataConfig(shards=str(out), num_workers=0, shuffle_buffer=20, resolution=8), 8)
+    order = {0: [], 1: []}
+    for batch in loader:
+        for k, e in zip(batch.keys, batch.epochs):
+            if e in order:
+                order[e].append(k)
+        if loader.epoch >= 2:
+            break
+    assert sorted(order[0]) == sorted(order[1]) and order[0] != order[1]
+
+
+def test_too_few_shards_for_exact_mode_is_a_clear_error(toy_shards):
+    out, _ = toy_shards
+    with pytest.raises(ValueError, match="at least world_size"):
+        Loader(DataConfig(shards=str(out), num_workers=8), 4, rank=0, world_size=2)
+
+
+def test_resampled_epoch_length(toy_shards):
+    out, _ = toy_shards
+    cfg = DataConfig(shards=str(out), mode="resampled", epoch_samples=40, num_workers=2, resolution=8)
+    for rank in range(2):
+        loader = Loader(cfg, batch_size=4, rank=rank, world_size=2)
+        epochs = Counter()
+        for i, batch in enumerate(loader):
+            epochs.update(batch.epochs)
+            if i == 15:
+                break
+        assert epochs[0] == epochs[1] == 20  # 40 per epoch over 2 ranks
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 5), (2, 7)])
+def test_restore_mid_epoch_continues_exactly(toy_shards, workers, stop):
+    out, _ = toy_shards
+    cfg = DataConfig(shards=str(out), num_workers=workers, shuffle_buffer=16, resolution=8, crop="random", flip=True)
+    straight = Loader(cfg, 5)
+    it = iter(straight)
+    reference = [next(it) for _ in range(30)]
+    first = Loader(cfg, 5)
+    it = iter(first)
+    head = [next(it) for _ in range(stop)]
+    state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+    it = iter(Loader(cfg, 5, state=state))
+    tail = [next(it) for _ in range(30 - stop)]
+    for a, b in zip(reference, head + tail):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+    seen = [k for b in head + tail for k, e in zip(b.keys, b.epochs) if e == 0]
+    assert len(seen) == len(set(seen)) == 96  # the interrupted epoch is neither replayed nor cut short
+
+
+def test_restore_refuses_a_different_layout(toy_shards):
+    out, _ = toy_shards
+    cfg = DataConfig(shards=str(out), num_workers=0, resolution=8)
+    loader = Loader(cfg, 4)
+    next(iter(loader))
+    with pytest.raises(ValueError, match="does not fit"):
+        Loader(cfg, 8, state=loader.state_dict())
+
+
+# --- bad samples ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_shards(tmp_path_factory):
+    """Two shards: one holding every kind of odd or broken sample, one tar cut in the middle of a member."""
+    d = tmp_path_factory.mktemp("bad")
+    rgb = Image.new("RGB", (40, 30), (200, 30, 30))
+    good = {  # key → (extension, bytes): all must come out, converted to RGB
+        "good_rgb": ("jpg", _jpg(rgb)),
+        "cmyk": ("jpg", _jpg(Image.new("CMYK", (20, 20), (0, 255, 255, 0)))),
+        "palette_transparent": ("png", None),
+        "gray": ("png", _png(Image.new("L", (20, 20), 100))),
+        "one_pixel": ("png", _png(Image.new("RGB", (1, 1), (0, 0, 255)))),
+        "sixteen_bit": ("png", _png(Image.fromarray(np.full((20, 20), 32768, np.uint16)))),
+        "rgba": ("png", _png(Image.new("RGBA", (20, 20), (0, 255, 0, 128)))),
+    }
+    pal = Image.new("P", (20, 20), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.paste(1, (0, 0, 10, 20))
+    pal.info["transparency"] = 0
+    good["palette_transparent"] = ("png", _png(pal))
+    full = _jpg(Image.effect_noise((64, 64), 60).convert("RGB"))
+    bad = {  # key → (members, reason)
+        "truncated_jpeg": ({"jpg": full[: len(full) // 2], "txt": b"cut"}, "corrupt_image"),
+        "not_image": ({"jpg": b"<html>404 not found</html>", "txt": b"x"}, "not_an_image"),
+        "no_caption": ({"png": _png(rgb)}, "missing_caption"),
+        "latin1_caption": ({"png": _png(rgb), "txt": "caf\xe9 cr\xe8me".encode("latin-1")}, "bad_caption_encoding"),
+        "empty_file": ({"jpg": b"", "txt": b"empty"}, "empty_image"),
+    }
+    with tarfile.open(d / "00000.tar", "w") as tar:
+        for key, (ext, data) in good.items():
+            _add(tar, f"{key}.{ext}", data)
+            _add(tar, f"{key}.txt", f"caption of {key}".encode())
+        for key, (members, _) in bad.items():
+            for ext, data in members.items():
+                _add(tar, f"{key}.{ext}", data)
+    whole = io.BytesIO()
+    with tarfile.open(fileobj=whole, mode="w") as tar:
+        _add(tar, "before_cut.png", _png(rgb))
+        _add(tar, "before_cut.txt", b"read before the cut")
+        _add(tar, "at_cut.png", _png(Image.effect_noise((64, 64), 60).convert("RGB")))
+        _add(tar, "at_cut.txt", b"lost")
+    raw = whole.getvalue()
+    cut = raw.index(b"at_cut.png") + 512 + 200  # 200 bytes into the member's data
+    (d / "00001.tar").write_bytes(raw[:cut])
+    expected_good = set(good) | {"before_cut"}
+    expected_skipped = Counter(reason for _, reason in bad.values()) + Counter(truncated_tar=1)
+    return d, expected_good, expected_skipped
+
+
+def test_bad_samples_skipped_and_counted_good_ones_converted(bad_shards):
+    d, expected_good, expected_skipped = bad_shards
+    got, loader = read_all(DataConfig(shards=str(d / "{00000..00001}.tar"), num_workers=0, resolution=16,
+                                      shuffle_buffer=0))
+    assert {k for k, _, _ in got} == expected_good
+    # Counts are of skips as they happen; reading on into epoch 1 (to see epoch 0 end) may meet the cut tar again.
+    skipped = Counter(loader.skipped)
+    assert skipped["truncated_tar"] in (1, 2)
+    skipped["truncated_tar"] = 1
+    assert skipped == expected_skipped
+
+
+def test_odd_modes_convert_correctly(bad_shards):
+    sixteen = decode_image(_png(Image.fromarray(np.full((4, 4), 32768, np.uint16))))
+    assert sixteen.mode == "RGB" and abs(np.asarray(sixteen).astype(int) - 128).max() <= 1  # rescaled, not clipped
+    pal = Image.new("P", (2, 1), 0)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((1, 0), 1)
+    pal.info["transparency"] = 0
+    arr = np.asarray(decode_image(_png(pal)))
+    assert arr[0, 0].tolist() == [255, 255, 255] and arr[0, 1].tolist() == [255, 0, 0]  # transparent → white
+    cmyk = np.asarray(decode_image(_jpg(Image.new("CMYK", (8, 8), (0, 255, 255, 0)))))
+    assert cmyk[..., 0].mean() > 200 and cmyk[..., 1:].mean() < 60  # CMYK red stays red
+
+
+def test_inspect_json_reports_samples_and_skips(bad_shards):
+    d, expected_good, expected_skipped = bad_shards
+    res = subprocess.run([sys.executable, "-m", "data.inspect", str(d / "{00000..00001}.tar"), "--json"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["samples"] == len(expected_good) and Counter(report["skipped"]) == expected_skipped
+    assert report["image_width"]["min"] == 1 and report["caption_words"]["max"] >= 3
+
+
+def test_too_many_broken_samples_stop_with_a_clear_error(tmp_path):
+    with tarfile.open(tmp_path / "junk.tar", "w") as tar:
+        for i in range(150):
+            _add(tar, f"{i:04d}.jpg", b"junk" if i % 2 else _png(Image.new("RGB", (4, 4))))
+            _add(tar, f"{i:04d}.txt", b"c")
+    with pytest.raises(DataError, match="max_bad_fraction"):
+        read_all(DataConfig(shards=str(tmp_path / "junk.tar"), num_workers=0, resolution=4, max_bad_fraction=0.3))
+    got, loader = read_all(DataConfig(shards=str(tmp_path / "junk.tar"), num_workers=0, resolution=4,
+                                      max_bad_fraction=0.6))
+    assert len(got) == 75 and 75 <= loader.skipped["not_an_image"] <= 76  # (+1: epoch 1 begun)
+
+
+def test_nothing_readable_and_no_match_are_clear_errors(tmp_path):
+    (tmp_path / "a.tar").write_bytes(b"this is not a tar file at all" * 40)
+    with pytest.raises(DataError, match="no sample could be read"):
+        read_all(DataConfig(shards=str(tmp_path / "a.tar"), num_workers=0))
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        Loader(DataConfig(shards=str(tmp_path / "missing_{000..003}.tar")), 4)
