@@ -32,6 +32,9 @@ class TextEncoderConfig:
     name: str = "ViT-B-32"  # OpenCLIP model name, or a Hugging Face hub id / local directory
     pretrained: str | None = None  # OpenCLIP: a pretrained tag (from the local cache) or a local checkpoint file
     local_files_only: bool = True  # Hugging Face: never reach the hub
+    config_file: str | None = None  # OpenCLIP: a local model-config JSON that defines `name` (a custom architecture)
+    weights: str | None = None  # a .safetensors of this encoder's own state dict (what training exports)
+    seed: int = 0  # the initialisation seed when no pretrained weights are given (the same encoder on every rank)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -164,11 +167,36 @@ class HFCLIPTextEncoder(TextEncoder):
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
+    """Build the frozen encoder ``cfg`` names. With neither ``pretrained`` nor ``weights`` an OpenCLIP encoder is
+    randomly initialised from ``seed`` (a warning says so): useful for the CPU demo, not for real training."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown text encoder kind {cfg.kind!r}; allowed values: {', '.join(KINDS)}")
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise FileNotFoundError(f"text_encoder.weights={cfg.weights!r} does not exist")
     if cfg.kind == "openclip":
-        return OpenCLIPTextEncoder(cfg.name, cfg.pretrained)
-    if cfg.kind == "hf_clip":
-        return HFCLIPTextEncoder(cfg.name, cfg.local_files_only)
-    raise ValueError(f"unknown text encoder kind {cfg.kind!r}; allowed values: {', '.join(KINDS)}")
+        if cfg.config_file:
+            import open_clip
+
+            if not Path(cfg.config_file).is_file():
+                raise FileNotFoundError(f"text_encoder.config_file={cfg.config_file!r} does not exist")
+            open_clip.add_model_config(cfg.config_file)
+        if not cfg.pretrained and not cfg.weights:
+            log.warning("text encoder %s has no pretrained weights: randomly initialised from seed %d", cfg.name,
+                        cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            encoder = OpenCLIPTextEncoder(cfg.name, cfg.pretrained)
+    else:
+        encoder = HFCLIPTextEncoder(cfg.name, cfg.local_files_only)
+    if cfg.weights:
+        from safetensors.torch import load_file
+
+        missing, unexpected = encoder.load_state_dict(load_file(cfg.weights), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"text_encoder.weights={cfg.weights!r} does not fit {cfg.name!r}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        encoder.identity = f"{cfg.kind}:{cfg.name}:{cfg.weights}:{encoder._fingerprint()}"
+    return encoder
 
 
 class CachedTextEncoder:

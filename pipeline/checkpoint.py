@@ -1,0 +1,179 @@
+"""Checkpoints (everything needed to continue exactly) and the exported ``model/`` folder (what sampling loads).
+
+A checkpoint is ``RUN/checkpoints/step_XXXXXXXX/``:
+    Accelerate's state (model, optimiser, LR scheduler, grad scaler, RNG states of every process; DeepSpeed's
+    sharded states under ZeRO), ``ema.safetensors``, ``data/rank{r}.json`` (each rank's loader position) and
+    ``train_state.json`` (step, counters, the model config). It is written under ``step_XXXXXXXX.tmp`` and renamed
+    only when every rank has finished, so a crash during a save leaves the previous checkpoint as the latest.
+
+The export is ``RUN/model/``: ``unet_ema.safetensors`` (EMA weights), ``unet.safetensors`` (raw weights),
+``config.json`` (model, text-encoder and diffusion config, resolution, step) and, when the text encoder was
+not loaded from pretrained weights, ``text_encoder.safetensors`` so that the sampling job gets the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder counts once its train_state.json exists and it is renamed)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if STEP_DIR.match(p.name) and (p / "train_state.json").is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(arg: str, ckpt_dir: Path) -> Path:
+    """``latest`` → the newest complete checkpoint in ``ckpt_dir``; otherwise a checkpoint folder path."""
+    if arg == "latest":
+        found = list_checkpoints(ckpt_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume latest: no checkpoint in {ckpt_dir} (start without --resume, or "
+                                    f"pass --output-dir of the run to continue)")
+        return found[-1]
+    path = Path(arg)
+    if not (path / "train_state.json").is_file():
+        raise FileNotFoundError(f"--resume {arg}: not a complete checkpoint folder (no train_state.json)")
+    return path
+
+
+def remove_partial(ckpt_dir: Path):
+    """Delete ``*.tmp`` folders left by a save that was interrupted (main process only)."""
+    for p in ckpt_dir.glob("step_*.tmp"):
+        log.warning("removing %s, left by an interrupted save", p)
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _atomic_json(path: Path, obj):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, step: int, ema, loader, train_state: dict, keep_last: int,
+                    rank_info: dict | None = None) -> Path:
+    """Collective: every rank calls it. ``rank_info`` (JSON) is stored beside this rank's data position.
+    Returns the final folder."""
+    final = ckpt_dir / f"step_{step:08d}"
+    tmp = ckpt_dir / f"step_{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    (tmp / "data").mkdir(exist_ok=True)
+    _atomic_json(tmp / "data" / f"rank{accelerator.process_index}.json", {**loader.state_dict(), **(rank_info or {})})
+    if accelerator.is_main_process:
+        if ema is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
+        _atomic_json(tmp / "train_state.json", {**train_state, "step": step})
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved again (e.g. a resumed run that made no progress)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(ckpt_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_data_state(path: Path, rank: int) -> dict:
+    """This rank's loader position in checkpoint ``path``."""
+    data_file = path / "data" / f"rank{rank}.json"
+    if not data_file.is_file():
+        raise FileNotFoundError(f"{path} has no data position for rank {rank}: it was saved by a run with fewer "
+                                f"processes; resume with the same number of processes")
+    return json.loads(data_file.read_text())
+
+
+def load_checkpoint(accelerator, path: Path, ema) -> dict:
+    """Collective. Restores Accelerate's state and the EMA; returns the train_state."""
+    train_state = json.loads((path / "train_state.json").read_text())
+    accelerator.load_state(str(path))
+    if ema is not None:
+        ema_file = path / "ema.safetensors"
+        if not ema_file.is_file():
+            raise FileNotFoundError(f"{path} has no ema.safetensors; it was saved with ema.enabled=false")
+        ema.load_state_dict(load_file(str(ema_file), device=str(next(ema.ema_model.parameters()).device)))
+    return train_state
+
+
+def check_model_config(path: Path, model_config: dict):
+    """Refuse a checkpoint of a different architecture before anything is loaded."""
+    saved = json.loads((path / "train_state.json").read_text()).get("model_config")
+    if saved is not None and json.loads(json.dumps(model_config)) != saved:
+        diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(model_config)).items() if saved.get(k) != v}
+        raise ValueError(f"checkpoint {path} was made by a different model config: {diff} (saved, configured). "
+                         f"Use the run's own config (RUN/config.yaml) to resume it.")
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_config, text_cfg, text_encoder,
+                 diffusion_cfg, resolution: int, step: int):
+    """Write RUN/model/ atomically (main process)."""
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cpu = lambda sd: {k: v.detach().cpu().contiguous() for k, v in sd.items()}  # noqa: E731
+    save_file(cpu(unet_state), str(tmp / "unet.safetensors"))
+    if ema_state is not None:
+        save_file(cpu(ema_state), str(tmp / "unet_ema.safetensors"))
+    text = {k: v for k, v in dataclasses.asdict(text_cfg).items() if k != "cache"}
+    if not text_cfg.pretrained and not text_cfg.weights:  # randomly initialised: ship the weights themselves
+        save_file(cpu(text_encoder.state_dict()), str(tmp / "text_encoder.safetensors"))
+        text["weights"] = "text_encoder.safetensors"
+    if text_cfg.config_file:
+        shutil.copy(text_cfg.config_file, tmp / Path(text_cfg.config_file).name)
+        text["config_file"] = Path(text_cfg.config_file).name
+    meta = {"format": 1, "step": step, "resolution": resolution, "model": dataclasses.asdict(unet_config),
+            "text_encoder": text, "diffusion": dataclasses.asdict(diffusion_cfg)}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log.info("exported %s", out)
+
+
+def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
+    """(unet, text_encoder, diffusion, meta) from an exported ``model/`` folder; EMA weights unless ema=False."""
+    from diffusion import DiffusionConfig, GaussianDiffusion
+    from models.text_encoders import TextEncoderConfig, build_text_encoder
+    from models.unet import UNet, UNetConfig
+
+    model_dir = Path(model_dir)
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{model_dir} is not an exported model folder (no config.json); pass RUN/model")
+    meta = json.loads(cfg_file.read_text())
+    weights = model_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
+    if not weights.is_file() and ema:
+        weights = model_dir / "unet.safetensors"
+        log.warning("%s has no EMA weights; using the raw weights", model_dir)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{model_dir} is incomplete: {weights.name} is missing")
+    text = dict(meta["text_encoder"])
+    for key in ("weights", "config_file"):  # files shipped in the folder are relative to it
+        if text.get(key) and not Path(text[key]).is_absolute():
+            text[key] = str(model_dir / text[key])
+    encoder = build_text_encoder(TextEncoderConfig(**text)).to(device)
+    unet = UNet(UNetConfig(**meta["model"]))
+    unet.load_state_dict(load_file(str(weights)))
+    unet.to(device).eval().requires_grad_(False)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(**meta["diffusion"]))
+    return unet, encoder, diffusion, meta
+

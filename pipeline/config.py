@@ -1,0 +1,242 @@
+"""The typed run config: one section per subsystem, read from YAML, overridden by dotted ``key=value`` arguments.
+
+    cfg = load_config("launch/configs/demo.yaml", ["optim.lr=1e-4", "data.shards=/data/{000..099}.tar"])
+
+Unknown keys and values of the wrong type are :class:`ConfigError`s that name the key and what is allowed.
+Values in overrides are parsed as YAML (``true``, ``[1, 2]``, ``null``) and then checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data import DataConfig
+from diffusion import DiffusionConfig
+from models.text_encoders import TextEncoderConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: unknown key, wrong type, bad value."""
+
+
+@dataclass
+class ModelSection:
+    size: str = "tiny"  # a name from models.registry.SIZES
+    overrides: dict = field(default_factory=dict)  # any UNetConfig field, e.g. {dropout: 0.1, channel_mult: [1, 2]}
+
+
+@dataclass
+class TextSection(TextEncoderConfig):
+    cache: str | None = None  # precomputed caption embeddings (pipeline/precompute.py); missing captions are encoded
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = 32  # per process, per micro-step
+    grad_accum: int = 1  # micro-steps per optimiser step
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 500  # linear LR warm-up (optimiser steps)
+    schedule: str = "constant"  # constant | cosine (after warm-up, down to min_lr_ratio · lr at decay_steps)
+    decay_steps: int = 0  # the cosine's horizon; 0 = train.max_steps. Set it when --max-steps is used to stop early
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    mixed_precision: str = "no"  # no | bf16 | fp16 (through Accelerate)
+
+
+@dataclass
+class EMASection:
+    enabled: bool = True
+    decay: float = 0.9999  # the maximum decay; warm-up: decay_k = min(decay, 1 − (1 + k/inv_gamma)^−power)
+    power: float = 0.75
+    inv_gamma: float = 1.0
+    start_step: int = 0  # copy the weights until this step, then average
+    update_every: int = 1
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 10_000  # total optimiser steps (a resumed run continues up to it)
+    seed: int = 0
+    caption_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance's unconditional branch)
+    max_nan_in_row: int = 10  # non-finite losses in a row that stop the run (each one skips its step)
+    output_dir: str = "runs/run"
+
+
+@dataclass
+class LoggingSection:
+    every: int = 50  # steps between log lines / tracker points
+    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    project: str = "t2i"
+    sample_every: int = 1000  # steps between sample grids (0 = only at the end)
+    sample_prompts: list[str] = field(default_factory=lambda: [
+        "a large red circle in the center on a white background", "a small blue square at the top left on a beige background",
+        "a large yellow triangle in the center on a light blue background", "a small green diamond at the bottom right on a light gray background"])
+    sample_guidance: float = 3.0
+    sample_steps: int = 25
+    sample_sampler: str = "ddim"
+    sample_seed: int = 0
+    sample_per_prompt: int = 2
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # optimiser steps between checkpoints (and one at the end)
+    keep_last: int = 3
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    text_encoder: TextSection = field(default_factory=TextSection)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    train: TrainSection = field(default_factory=TrainSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def validate(self):
+        from models.registry import SIZES, model_config
+
+        self.data.validate()
+        if self.model.size not in SIZES:
+            raise ConfigError(f"model.size={self.model.size!r}; allowed: {', '.join(SIZES)}")
+        try:
+            model_config(self.model.size, **self.model.overrides)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model.overrides: {e}") from None
+        checks = [
+            (self.optim.mixed_precision in ("no", "bf16", "fp16"), "optim.mixed_precision must be no, bf16 or fp16"),
+            (self.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
+            (self.optim.batch_size >= 1 and self.optim.grad_accum >= 1, "optim.batch_size and grad_accum must be ≥ 1"),
+            (self.optim.lr > 0, "optim.lr must be > 0"),
+            (0 <= self.train.caption_dropout < 1, "train.caption_dropout must be in [0, 1)"),
+            (self.train.max_steps >= 1, "train.max_steps must be ≥ 1"),
+            (self.logging.tracker in ("tensorboard", "wandb", "none"), "logging.tracker must be tensorboard, wandb or none"),
+            (self.checkpoint.every >= 1 and self.checkpoint.keep_last >= 1, "checkpoint.every and keep_last must be ≥ 1"),
+            (0 < self.ema.decay < 1, "ema.decay must be in (0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _check(value, tp, key: str):
+    """Check (and gently coerce: int → float, "1e-4" → float) ``value`` against the annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _check(value, option, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {tp}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            if origin is list and args and args[0] is str and isinstance(value, str):
+                return [value]
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        inner = args[0] if args else typing.Any
+        return [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is typing.Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls, raw: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from a nested dict, refusing unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + u for u in unknown)} in {where}; "
+                          f"allowed: {', '.join(names)}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, raw[name] or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check(raw[name], tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(raw: dict, item: str):
+    """``a.b.c=value`` → raw["a"]["b"]["c"] = yaml(value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs: launch/configs/*.yaml)")
+        raw = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        apply_override(raw, item)
+    return from_dict(TrainConfig, raw).validate()
+
+
+def save_config(cfg: TrainConfig, path: Path):
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,246 @@
+"""The training job: config, loss goes down, exact resume, caption dropout, NaN guard, interrupted saves, bad input,
+precomputed embeddings, and real 2-process runs (DDP over gloo; DeepSpeed ZeRO-2)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.write_shards import write_toy
+from pipeline import train
+from pipeline.checkpoint import list_checkpoints, load_exported
+from pipeline.config import ConfigError, TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "launch" / "configs" / "demo.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "shards"
+    write_toy(out, count=256, resolution=16, seed=0, max_samples=32)
+    return str(out / "{00000..00007}.tar")
+
+
+def small(shards, run_dir, *extra):
+    """Overrides that make the demo config test-sized (16 px, batch 8)."""
+    return ["--config", DEMO, "--output-dir", str(run_dir), f"data.shards={shards}", "data.resolution=16",
+            "data.num_workers=2", "data.shuffle_buffer=64", "optim.batch_size=8", "optim.warmup_steps=5",
+            "logging.tracker=none", "logging.every=2", "logging.sample_every=0", "logging.sample_steps=3",
+            "logging.sample_per_prompt=1", "checkpoint.every=4", *extra]
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+def assert_same(a, b, tol=0.0):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= tol, worst
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+def test_config_loads_overrides_and_refuses_unknown_keys_and_bad_types(tmp_path):
+    cfg = load_config(DEMO, ["optim.lr=3e-4", "data.shards=/x/{0..3}.tar", "model.overrides.dropout=0.1",
+                             "logging.sample_prompts=[a, b]", "text_encoder.pretrained=null"])
+    assert isinstance(cfg, TrainConfig) and cfg.optim.lr == 3e-4 and cfg.data.shards == "/x/{0..3}.tar"
+    assert cfg.model.overrides == {"dropout": 0.1} and cfg.logging.sample_prompts == ["a", "b"]
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_config(DEMO, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        load_config(DEMO, ["nosection.x=1"])
+    with pytest.raises(ConfigError, match="optim.batch_size: expected an integer"):
+        load_config(DEMO, ["optim.batch_size=eight"])
+    with pytest.raises(ConfigError, match="train.caption_dropout"):
+        load_config(DEMO, ["train.caption_dropout=1.5"])
+    with pytest.raises(ConfigError, match="model.overrides"):
+        load_config(DEMO, ["model.overrides.nonsense=1"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  resolution: [32]\n")
+    with pytest.raises(ConfigError, match="data.resolution"):
+        load_config(bad)
+
+
+def test_lr_schedule_and_caption_dropout_rate():
+    f = [train.lr_factor(s, 10, 110, "cosine", 0.1) for s in range(110)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert f[60] == pytest.approx(0.55) and f[-1] < 0.11 and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert train.lr_factor(500, 10, 110, "constant", 0.0) == 1.0
+    gen = torch.Generator().manual_seed(0)
+    n, p = 20000, 0.1
+    captions, dropped = train.drop_captions(["caption"] * n, p, gen)
+    assert dropped == captions.count("") and abs(dropped / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+
+
+# --- one process ---------------------------------------------------------------------------------------------------
+
+def test_short_run_lowers_loss_exports_and_logs(shards, tmp_path):
+    run = tmp_path / "run"
+    train.main(small(shards, run, "--max-steps", "40", "optim.lr=2e-3", "logging.every=5", "logging.sample_every=20",
+                     "logging.tracker=tensorboard"))
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["loss"] < 0.75 * metrics[0]["loss"], [m["loss"] for m in metrics]
+    for key in ("lr", "grad_norm", "images_per_s", "data_wait_fraction", "nan_skips"):
+        assert key in metrics[-1]
+    assert abs(metrics[-1]["caption_dropout_rate"] - 0.1) < 0.05  # 320 captions: 4 SE = 0.067
+    assert (run / "samples" / "step_00000020.png").is_file() and (run / "samples" / "step_00000040.png").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
+    assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").train.max_steps == 40
+    unet, encoder, diffusion, meta = load_exported(run / "model")
+    assert meta["step"] == 40 and meta["resolution"] == 16
+    assert_same(unet.state_dict(), weights(run / "model" / "unet_ema.safetensors"))
+    out = unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), encoder.encode(["a red circle", ""]))
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+
+
+def test_resume_is_exact(shards, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(small(shards, straight, "--max-steps", "12"))
+    train.main(small(shards, split, "--max-steps", "6", "checkpoint.every=6"))
+    train.main(small(shards, split, "--max-steps", "12", "--resume", "latest", "checkpoint.every=6"))
+    a, b = straight / "checkpoints" / "step_00000012", split / "checkpoints" / "step_00000012"
+    assert_same(weights(a / "model.safetensors"), weights(b / "model.safetensors"), tol=1e-6)
+    assert_same(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), tol=1e-6)
+    assert json.loads((a / "data" / "rank0.json").read_text())["positions"] == \
+        json.loads((b / "data" / "rank0.json").read_text())["positions"]
+    assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_00000006", "step_00000012"]
+
+
+def _nan_losses(monkeypatch, bad_steps):
+    """Make the loss non-finite on the given calls of training_losses (counted from 0)."""
+    from diffusion.gaussian import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+    calls = {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if calls["n"] in bad_steps:
+            out["loss"] = out["loss"] * float("nan")
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", patched)
+
+
+def test_nan_guard_skips_then_stops(shards, tmp_path, monkeypatch):
+    _nan_losses(monkeypatch, {2, 3})
+    run = tmp_path / "skips"
+    train.main(small(shards, run, "--max-steps", "6"))
+    state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert state["nan_skips"] == 2
+    assert all(torch.isfinite(v).all() for v in weights(run / "model" / "unet.safetensors").values())
+
+    _nan_losses(monkeypatch, set(range(100)))
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        train.main(small(shards, tmp_path / "stops", "--max-steps", "20", "train.max_nan_in_row=3"))
+
+
+KILL_DURING_SAVE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from accelerate import Accelerator
+real = Accelerator.save_state
+def save_state(self, output_dir=None, **kw):
+    out = real(self, output_dir, **kw)
+    if "step_00000008" in str(output_dir):
+        os._exit(9)  # killed after Accelerate wrote its files, before the checkpoint was complete
+    return out
+Accelerator.save_state = save_state
+from pipeline import train
+train.main({argv!r})
+"""
+
+
+def test_kill_during_save_leaves_previous_checkpoint(shards, tmp_path):
+    run = tmp_path / "run"
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_DURING_SAVE.format(root=str(ROOT), argv=small(shards, run, "--max-steps", "12")))
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 9, res.stderr[-2000:]
+    assert (run / "checkpoints" / "step_00000008.tmp").is_dir()  # the half-written save is there …
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_00000004"]  # … but not counted
+    train.main(small(shards, run, "--max-steps", "12", "--resume", "latest"))
+    assert not (run / "checkpoints" / "step_00000008.tmp").exists()
+    assert (run / "checkpoints" / "step_00000012" / "train_state.json").is_file()
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "no_shards", "unwritable", "no_checkpoint",
+                                  "other_model"])
+def test_bad_input_fails_before_any_step(shards, tmp_path, case):
+    run = tmp_path / "run"
+    argv = {
+        "unknown_key": small(shards, run, "optim.learning_rate=1"),
+        "wrong_type": small(shards, run, "train.max_steps=many"),
+        "no_shards": small(str(tmp_path / "nothing_{000..003}.tar"), run),
+        "unwritable": small(shards, tmp_path / "a_file" / "run"),
+        "no_checkpoint": small(shards, run, "--resume", "latest"),
+        "other_model": small(shards, run, "--resume", "latest", "model.overrides.base_channels=16"),
+    }[case]
+    expected = {"unknown_key": "optim.learning_rate", "wrong_type": "expected an integer", "no_shards": "matches no file",
+                "unwritable": "cannot write to the output folder", "no_checkpoint": "no checkpoint",
+                "other_model": "different model config"}[case]
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    if case == "other_model":
+        train.main(small(shards, run, "--max-steps", "2"))
+    before = sorted(p.name for p in run.rglob("*")) if run.exists() else []
+    with pytest.raises(SystemExit, match=expected):
+        train.main(argv)
+    after = sorted(p.name for p in run.rglob("*")) if run.exists() else []
+    assert [p for p in after if p.startswith("step_")] == [p for p in before if p.startswith("step_")]
+
+
+def test_precomputed_caption_embeddings_skip_the_encoder(shards, tmp_path, monkeypatch):
+    from models.text_encoders import OpenCLIPTextEncoder
+    from pipeline import precompute
+
+    cache = tmp_path / "captions.safetensors"
+    overrides = small(shards, tmp_path / "run")[2:]  # the same config, minus --config/--output-dir
+    precompute.main(["--config", DEMO, "--out", str(cache), *overrides[2:]])
+    calls = []
+    real = OpenCLIPTextEncoder.encode
+    monkeypatch.setattr(OpenCLIPTextEncoder, "encode", lambda self, c: calls.append(list(c)) or real(self, c))
+    train.main(small(shards, tmp_path / "run", "--max-steps", "4", f"text_encoder.cache={cache}"))
+    assert calls == []  # every caption (and "" for dropout) came from the cache
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "train_state.json").read_text())
+    assert state["dropped"] > 0  # caption dropout still happens with cached embeddings
+
+
+# --- two processes -------------------------------------------------------------------------------------------------
+
+def torchrun(args, env_extra, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pipeline" / "train.py"), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def check_two_ranks(run: Path, step: int):
+    ck = run / "checkpoints" / f"step_{step:08d}"
+    r0, r1 = (json.loads((ck / "data" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["weights_fingerprint"] == r1["weights_fingerprint"] is not None  # identical replicas
+    assert r0["last_keys"] and not set(r0["last_keys"]) & set(r1["last_keys"])  # each rank its own samples
+
+
+@pytest.mark.parametrize("backend", ["ddp", "deepspeed_zero2"])
+def test_two_processes_train_identically_and_resume(shards, tmp_path, backend):
+    env = {"ACCELERATE_USE_CPU": "true"} if backend == "ddp" else {
+        "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "launch/deepspeed/zero2.json")}
+    run = tmp_path / backend
+    torchrun(small(shards, run, "--max-steps", "4", "data.num_workers=1"), env)
+    check_two_ranks(run, 4)
+    if backend == "deepspeed_zero2":
+        assert (run / "checkpoints" / "step_00000004" / "pytorch_model").is_dir()  # DeepSpeed's own layout
+    torchrun(small(shards, run, "--max-steps", "8", "data.num_workers=1", "--resume", "latest"), env)
+    check_two_ranks(run, 8)
+    assert json.loads((run / "model" / "config.json").read_text())["step"] == 8
