@@ -125,7 +125,7 @@ def save_grid(jobs: list[Job], out_dir: Path, path: Path):
     for p in prompts:
         for g, i in cols:
             job = next(j for j in jobs if (j.prompt_index, j.guidance, j.image_index) == (p, g, i))
-            tiles.append(torch.from_numpy(np.asarray(Image.open(out_dir / "images" / job.name).convert("RGB"))))
+            tiles.append(torch.from_numpy(np.array(Image.open(out_dir / "images" / job.name).convert("RGB"))))
     grid = torch.stack(tiles).permute(0, 3, 1, 2).float() / 255
     save_image(grid, path, nrow=len(cols), padding=2, pad_value=1.0)
 
