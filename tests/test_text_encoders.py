@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from tests.helpers import write_hf_tokenizer
 from models.text_encoders import (CachedTextEncoder, HFCLIPTextEncoder, OpenCLIPTextEncoder, TextEncoderConfig,
                                   build_text_encoder)
 
@@ -32,14 +33,7 @@ def openclip_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hfclip")
-    # A real CLIP tokenizer offline: OpenCLIP ships the BPE vocabulary; write it in CLIPTokenizer's format.
-    tok = open_clip.get_tokenizer("ViT-B-32")
-    special = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {special.get(k, k): v for k, v in tok.encoder.items()}
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    merges = sorted(tok.bpe_ranks, key=tok.bpe_ranks.get)
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt")).save_pretrained(d)
+    write_hf_tokenizer(d)
     torch.manual_seed(0)
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,

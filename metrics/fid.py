@@ -1,0 +1,125 @@
+"""FID (seed 000): the Fréchet distance between Gaussians fitted to Inception-v3 pool3 features of two image sets,
+    FID = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^{1/2} Σ₂ Σ₁^{1/2})^{1/2}.
+
+The network is pytorch-fid's ``InceptionV3`` (the TF-ported FID weights, ``pt_inception-2015-12-05-6726825d.pth``)
+with pytorch-fid's preprocessing — images as [0, 1] tensors at their own size, bilinear resize to 299 inside the
+network — so numbers match pytorch-fid and TensorFlow FID. Weights come from a local file only (a flag, or the
+torch-hub cache); nothing is downloaded. Statistics are float64 and saved as pytorch-fid-compatible ``.npz``
+(``mu``, ``sigma``). The matrix square root's trace comes from the eigenvalues of Σ₁^{1/2} Σ₂ Σ₁^{1/2}
+(symmetric PSD), not from ``scipy.linalg.sqrtm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
+FID_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carries the first 8 hex digits of its SHA-256
+
+
+def find_inception_weights(path: str | None = None) -> Path:
+    """The FID Inception weights file: ``path`` if given, else the torch-hub cache. Never downloads."""
+    if path:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"Inception weights {p} do not exist (--inception-weights)")
+        return p
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_NAME
+    if not cached.is_file():
+        raise FileNotFoundError(
+            f"the FID Inception weights are not available offline: looked for {cached}. Download {FID_WEIGHTS_URL} "
+            f"once and put it there (or pass --inception-weights FILE)")
+    return cached
+
+
+def check_sha256(path: Path):
+    """Warn when a file under the official name is not the official file (its numbers are not comparable)."""
+    if path.name != FID_WEIGHTS_NAME:
+        return
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if not digest.startswith(FID_SHA256_PREFIX):
+        log.warning("%s is not the official FID Inception file (SHA-256 %s…, expected %s…): FIDs computed with it are "
+                    "not comparable with published ones", path, digest[:8], FID_SHA256_PREFIX)
+
+
+class InceptionFeatures(torch.nn.Module):
+    """images (B, 3, H, W) float in [0, 1] → pool3 features (B, 2048), exactly pytorch-fid's model."""
+
+    dims = 2048
+
+    def __init__(self, weights: str | None = None):
+        super().__init__()
+        from pytorch_fid import inception
+
+        path = find_inception_weights(weights)
+        check_sha256(path)
+
+        def local(url, *args, **kwargs):  # pytorch-fid asks torch hub for its URL: answer with the local file
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+        with mock.patch.object(inception, "load_state_dict_from_url", local):
+            self.net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        self.net.eval().requires_grad_(False)
+        self.identity = f"inception:{path.name}"
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)[0].flatten(1)
+
+
+@dataclass
+class FeatureStats:
+    mu: np.ndarray  # (D,) float64
+    sigma: np.ndarray  # (D, D) float64
+    n: int = 0
+
+    @classmethod
+    def of(cls, features: np.ndarray) -> "FeatureStats":
+        f = np.asarray(features, dtype=np.float64)
+        if len(f) < 2:
+            raise ValueError(f"statistics need at least 2 images, got {len(f)}")
+        return cls(f.mean(0), np.cov(f, rowvar=False), len(f))
+
+
+def save_stats(stats: FeatureStats, path: str | os.PathLike):
+    """pytorch-fid's format (``mu``, ``sigma``) plus the count; written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.array(stats.n))
+    os.replace(tmp, path)
+
+
+def load_stats(path: str | os.PathLike) -> FeatureStats:
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path} is not a statistics file (needs arrays 'mu' and 'sigma')")
+        return FeatureStats(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), int(f["n"]) if "n" in f else 0)
+
+
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+    """‖μ_a − μ_b‖² + tr Σ_a + tr Σ_b − 2 Σ_i √λ_i, λ = eig(Σ_a^{1/2} Σ_b Σ_a^{1/2}) (real, ≥ 0: symmetric PSD).
+
+    Equal to tr (Σ_a Σ_b)^{1/2} because Σ_a Σ_b is similar to Σ_a^{1/2} Σ_b Σ_a^{1/2}; exact for singular Σ
+    (fewer samples than dimensions) where sqrtm needs an ε fudge."""
+    if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+        raise ValueError(f"statistics have different dimensions: {a.mu.shape[0]} and {b.mu.shape[0]} "
+                         f"(computed with different feature extractors?)")
+    s = _psd_sqrt(a.sigma)
+    lam = np.linalg.eigvalsh(s @ b.sigma @ s)
+    diff = a.mu - b.mu
+    return float(diff @ diff + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())

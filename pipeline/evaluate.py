@@ -1,0 +1,382 @@
+"""Evaluation: FID, CLIP score and precision/recall of a trained model across guidance scales, plus everyday metrics.
+
+    python pipeline/evaluate.py run --model runs/demo/model --captions held_out.txt --num-images 1000 \\
+        --guidance 1.5 3 5 8 --ref ref_stats.npz|REAL_IMAGES/|"shards/{000..009}.tar" --clip-model SPEC --out eval/
+    python pipeline/evaluate.py fid A B [--inception-weights FILE] [--json]        # folders or .npz statistics
+    python pipeline/evaluate.py clip-score --images DIR [--captions FILE] --clip-model SPEC [--json]
+    python pipeline/evaluate.py ref-stats SOURCE --out FILE.npz                    # folder or shards → mu, sigma
+
+`run` generates one image per held-out caption per guidance scale with the sampling code (split across processes
+under `accelerate launch`; images already written are kept, so a second invocation generates nothing new), then
+writes OUT/results.json, OUT/results.csv and OUT/fid_vs_clip.png. FID follows pytorch-fid exactly (same network,
+weights file and preprocessing; float64 statistics; see metrics/fid.py). CLIP specs: a local Hugging Face CLIP
+folder, hf:ORG/NAME (cache), or openclip:NAME[:PRETRAINED] (+ --clip-config JSON for a custom architecture).
+Weights are never downloaded: a missing file is named, with where it was looked for and how to supply it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from data.images import BadSample, decode_image, resize_crop  # noqa: E402
+from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
+from metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats  # noqa: E402
+from metrics.prdc import precision_recall  # noqa: E402
+
+log = logging.getLogger("evaluate")
+IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
+
+
+# --- images in, features out ---------------------------------------------------------------------------------------
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return files
+
+
+def load_folder(files: list[Path], skipped: Counter):
+    """(index, PIL RGB image) for every readable file; unreadable ones are counted, not fatal."""
+    for i, path in enumerate(files):
+        try:
+            yield i, decode_image(path.read_bytes())
+        except BadSample as bad:
+            skipped[bad.reason] += 1
+            log.warning("skipping %s: %s", path, bad)
+
+
+def load_shards(spec: str, resolution: int, limit: int, skipped: Counter):
+    """(index, PIL image resized and centre-cropped like the training data) from shards, up to ``limit`` images."""
+    from PIL import Image
+
+    from data.loader import IMAGE_KEYS, read_shard, resolve_shards
+
+    n = 0
+    for url in resolve_shards(spec):
+        for raw in read_shard(url, skipped):
+            if n >= limit:
+                return
+            ext = next((k for k in IMAGE_KEYS if k in raw), None)
+            try:
+                if ext is None:
+                    raise BadSample("missing_image")
+                arr = resize_crop(decode_image(raw[ext]), resolution)
+            except BadSample as bad:
+                skipped[bad.reason] += 1
+                continue
+            yield n, Image.fromarray(arr)
+            n += 1
+
+
+def rank_world():
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+def gather_rows(rows: list[tuple[int, np.ndarray]], world: int) -> np.ndarray:
+    """Every rank's (index, feature) rows, gathered and put back in index order: the same array for any world size."""
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    rows = sorted(rows, key=lambda r: r[0])
+    return np.stack([r[1] for r in rows]) if rows else np.zeros((0, 0))
+
+
+def extract(extractor, images, batch_size: int, rank: int = 0, world: int = 1, desc="features") -> np.ndarray:
+    """Features of (index, PIL image) pairs; this rank takes every world-th image; consecutive images of one size are
+    batched (pytorch-fid's preprocessing: [0, 1] tensors at their own size)."""
+    rows, batch = [], []
+
+    def flush():
+        if batch:
+            feats = extractor([im for _, im in batch])
+            rows.extend((i, f) for (i, _), f in zip(batch, feats.double().cpu().numpy()))
+            batch.clear()
+
+    for i, img in tqdm(images, desc=desc, unit="img", disable=rank != 0):
+        if i % world != rank:
+            continue
+        if batch and (img.size != batch[0][1].size or len(batch) == batch_size):
+            flush()
+        batch.append((i, img))
+    flush()
+    return gather_rows(rows, world)
+
+
+class InceptionExtractor:
+    def __init__(self, weights: str | None, device):
+        self.net, self.device = InceptionFeatures(weights).to(device), device
+        self.identity = self.net.identity
+
+    def __call__(self, images) -> torch.Tensor:
+        x = torch.stack([torch.from_numpy(np.array(im, dtype=np.float32) / 255.0).permute(2, 0, 1) for im in images])
+        return self.net(x.to(self.device))
+
+
+class CLIPImageExtractor:
+    def __init__(self, scorer: CLIPScorer):
+        self.scorer, self.identity = scorer, scorer.identity
+
+    def __call__(self, images) -> torch.Tensor:
+        return self.scorer.image_features(images, normalize=False)
+
+
+def stats_of(source: str, extractor, batch_size: int, resolution: int = 64, limit: int = 50_000,
+             rank: int = 0, world: int = 1) -> tuple[FeatureStats, np.ndarray | None, Counter]:
+    """(stats, features or None, skipped) of a folder, a shard spec or an .npz statistics file."""
+    skipped: Counter = Counter()
+    if source.endswith(".npz"):
+        return load_stats(source), None, skipped
+    if ".tar" in source or "{" in source:
+        images = load_shards(source, resolution, limit, skipped)
+    else:
+        images = load_folder(list_images(source), skipped)
+    feats = extract(extractor, images, batch_size, rank, world, desc=f"features of {Path(source).name}")
+    if len(feats) < 2:
+        raise ValueError(f"{source}: fewer than 2 readable images (skipped: {dict(skipped)})")
+    return FeatureStats.of(feats), feats, skipped
+
+
+# --- captions ------------------------------------------------------------------------------------------------------
+
+def read_captions(source: str, limit: int) -> list[str]:
+    """Held-out captions from a text file (one per line), JSONL ("caption" or "prompt") or shards."""
+    path = Path(source)
+    if path.is_file() and path.suffix in (".txt", ".jsonl"):
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        captions = [json.loads(line).get("caption", json.loads(line).get("prompt")) for line in lines] \
+            if path.suffix == ".jsonl" else [line.strip() for line in lines]
+    else:
+        from data.loader import _caption, read_shard, resolve_shards
+
+        captions, skipped = [], Counter()
+        for url in resolve_shards(source):
+            for raw in read_shard(url, skipped):
+                try:
+                    captions.append(_caption(raw, ["txt", "json.caption"]))
+                except BadSample:
+                    continue
+                if len(captions) >= limit:
+                    break
+            if len(captions) >= limit:
+                break
+    captions = [c for c in captions if c is not None]
+    if not captions:
+        raise ValueError(f"no captions in {source}")
+    return captions[:limit]
+
+
+def captions_for_images(files: list[Path], captions_file: str | None) -> list[str]:
+    """The caption of each image: from a JSONL of {"file", "caption"} or same-named .txt files."""
+    if captions_file:
+        table = {}
+        for line in Path(captions_file).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                table[Path(row["file"]).name] = row["caption"] if "caption" in row else row["prompt"]
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            raise ValueError(f"{captions_file} has no caption for {len(missing)} of {len(files)} images, e.g. "
+                             f"{missing[:3]}")
+        return [table[f.name] for f in files]
+    missing = [f.name for f in files if not f.with_suffix(".txt").is_file()]
+    if missing:
+        raise ValueError(f"no caption for {len(missing)} of {len(files)} images (e.g. {missing[:3]}): put same-named "
+                         f".txt files beside them or pass --captions FILE.jsonl")
+    return [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in files]
+
+
+# --- subcommands ---------------------------------------------------------------------------------------------------
+
+def cmd_fid(args) -> dict:
+    rank, world, state = rank_world()
+    extractor = InceptionExtractor(args.inception_weights, state.device)
+    a, _, skip_a = stats_of(args.a, extractor, args.batch_size, rank=rank, world=world)
+    b, _, skip_b = stats_of(args.b, extractor, args.batch_size, rank=rank, world=world)
+    return {"fid": frechet_distance(a, b), "n_a": a.n, "n_b": b.n, "skipped": dict(skip_a + skip_b),
+            "features": extractor.identity}
+
+
+def cmd_ref_stats(args) -> dict:
+    rank, world, state = rank_world()
+    extractor = InceptionExtractor(args.inception_weights, state.device)
+    stats, _, skipped = stats_of(args.source, extractor, args.batch_size, args.resolution, args.max_images, rank, world)
+    if state.is_main_process:
+        save_stats(stats, args.out)
+    return {"out": args.out, "n": stats.n, "skipped": dict(skipped), "features": extractor.identity}
+
+
+def cmd_clip_score(args) -> dict:
+    files = list_images(args.images)
+    captions = captions_for_images(files, args.captions)
+    scorer = CLIPScorer(args.clip_model, args.clip_config, args.allow_download)
+    skipped: Counter = Counter()
+    pairs = [(i, img) for i, img in load_folder(files, skipped)]
+    cos = scorer.cosines([img for _, img in pairs], [captions[i] for i, _ in pairs], args.batch_size)
+    return {**summarize(cos, scorer.identity), "skipped": dict(skipped)}
+
+
+def cmd_run(args) -> dict:
+    from pipeline.checkpoint import load_exported
+    from pipeline.generate import image_seed
+    from pipeline.sample import Job, run_jobs
+
+    rank, world, state = rank_world()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    captions = read_captions(args.captions, args.num_images)
+    if len(captions) < args.num_images:
+        log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
+    model, encoder, diffusion, meta = load_exported(args.model, state.device)
+    scorer = CLIPScorer(args.clip_model, args.clip_config, args.allow_download, state.device)
+    extractor = CLIPImageExtractor(scorer) if args.fd_features == "clip" else \
+        InceptionExtractor(args.inception_weights, state.device)
+    fd_name = "fid" if args.fd_features == "inception" else "fd_clip"
+
+    ref_stats, ref_feats, ref_skipped = stats_of(args.ref, extractor, args.batch_size, meta["resolution"],
+                                                 args.max_ref_images, rank, world)
+    rows = []
+    for g in args.guidance:
+        folder = out / f"guidance_{g:g}"
+        jobs = [Job(i, 0, c, "", image_seed(args.seed, i, 0), g) for i, c in enumerate(captions)]
+        todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
+        log.info("guidance %g: %d of %d images to generate", g, todo, len(jobs))
+        run_jobs(jobs, model, encoder, diffusion, meta["resolution"], folder, args.sampler, args.steps,
+                 args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process)
+        state.wait_for_everyone()
+        files = [folder / "images" / j.name for j in jobs]
+        skipped: Counter = Counter()
+        feats = extract(extractor, load_folder(files, skipped), args.batch_size, rank, world, desc=f"features g={g:g}")
+        row = {"guidance": g, "n": len(feats), fd_name: frechet_distance(FeatureStats.of(feats), ref_stats)}
+        if state.is_main_process:
+            pairs = list(load_folder(files, Counter()))
+            row.update({k: v for k, v in summarize(scorer.cosines([im for _, im in pairs],
+                                                                  [captions[i] for i, _ in pairs]),
+                                                   scorer.identity).items() if k != "n"})
+            if ref_feats is not None:
+                row.update(precision_recall(ref_feats, feats, k=3, density_coverage=args.density_coverage))
+        rows.append(row)
+        log.info("guidance %g: %s", g, {k: v for k, v in row.items() if k != "clip_model"})
+    result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "sampler": args.sampler,
+              "steps": args.steps, "num_images": len(captions), "reference": args.ref, "reference_skipped":
+              dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
+              scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
+              "not computed: the reference is an .npz without features", "results": rows}
+    if state.is_main_process:
+        (out / "results.json").write_text(json.dumps(result, indent=1))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        plot(rows, fd_name, out / "fid_vs_clip.png", extractor.identity, scorer.identity)
+    return result
+
+
+def plot(rows: list[dict], fd_name: str, path: Path, fd_features: str, clip_model: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    xs, ys = [r["clip_score"] for r in rows], [r[fd_name] for r in rows]
+    ax.plot(xs, ys, "o-")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"CLIP score ({clip_model})")
+    ax.set_ylabel("FID" if fd_name == "fid" else f"Fréchet distance on {fd_features} features")
+    ax.set_title("Fréchet distance vs CLIP score across guidance scales", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, clip=False, inception=True):
+        sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        sp.add_argument("--batch-size", type=int, default=50, help="images per forward (does not change results)")
+        if inception:
+            sp.add_argument("--inception-weights", help="local FID Inception weights (default: the torch-hub cache)")
+        if clip:
+            sp.add_argument("--clip-model", required=True, help="HF CLIP folder, hf:ORG/NAME or openclip:NAME[:PRETRAINED]")
+            sp.add_argument("--clip-config", help="OpenCLIP model-config JSON for a custom architecture")
+            sp.add_argument("--allow-download", action="store_true", help="let Hugging Face fetch a missing hub model")
+
+    sp = sub.add_parser("fid", help="FID between two image folders or .npz statistics files")
+    sp.add_argument("a")
+    sp.add_argument("b")
+    common(sp)
+    sp = sub.add_parser("ref-stats", help="Inception statistics (.npz: mu, sigma) of a folder or shards")
+    sp.add_argument("source", help="image folder or shard spec")
+    sp.add_argument("--out", required=True, help="output .npz (pytorch-fid's format)")
+    sp.add_argument("--resolution", type=int, default=64, help="shards: resize/crop images to this size first")
+    sp.add_argument("--max-images", type=int, default=50_000, help="shards: stop after this many images")
+    common(sp)
+    sp = sub.add_parser("clip-score", help="CLIP score of images against their captions")
+    sp.add_argument("--images", required=True, help="image folder")
+    sp.add_argument("--captions", help="JSONL of {file, caption} (default: same-named .txt beside each image)")
+    common(sp, clip=True, inception=False)
+    sp = sub.add_parser("run", help="generate for held-out captions at several guidance scales and score")
+    sp.add_argument("--model", required=True, help="exported model folder (RUN/model)")
+    sp.add_argument("--captions", required=True, help="held-out captions: .txt, .jsonl or shards")
+    sp.add_argument("--num-images", type=int, default=1000, help="images per guidance scale (one per caption)")
+    sp.add_argument("--guidance", type=float, nargs="+", default=[1.5, 3.0, 5.0, 8.0], help="guidance scales")
+    sp.add_argument("--ref", required=True, help="reference: .npz statistics, image folder or shard spec")
+    sp.add_argument("--max-ref-images", type=int, default=50_000, help="at most this many reference images")
+    sp.add_argument("--fd-features", choices=["inception", "clip"], default="inception",
+                    help="features of the Fréchet distance: Inception (FID) or the CLIP model's image tower")
+    sp.add_argument("--density-coverage", action="store_true", help="also report density and coverage")
+    sp.add_argument("--sampler", default="ddim")
+    sp.add_argument("--steps", type=int, default=50)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="output folder (images per guidance, results.json/.csv, plot)")
+    common(sp, clip=True)
+    return p.parse_args(argv)
+
+
+COMMANDS = {"fid": cmd_fid, "ref-stats": cmd_ref_stats, "clip-score": cmd_clip_score, "run": cmd_run}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        result = COMMANDS[args.command](args)
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {e}") from None
+    _, _, state = rank_world()
+    if state.is_main_process:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

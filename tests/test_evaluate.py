@@ -1,0 +1,263 @@
+"""Evaluation: FID equal to pytorch-fid's (same random-but-spread Inception weights as a local file), Fréchet distance
+vs scipy's sqrtm formula, CLIP score vs a direct transformers computation, precision/recall vs a brute-force reference,
+the whole job end to end (and resumable), bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from metrics.fid import FID_WEIGHTS_NAME, FeatureStats, frechet_distance, load_stats, save_stats
+from metrics.prdc import precision_recall
+from pipeline import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """pytorch-fid's FID Inception architecture with random Kaiming-normal convs (random default init makes every
+    feature collapse to a constant), saved as a local file."""
+    import torchvision
+    from pytorch_fid import inception
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
+        net = inception.fid_inception_v3()
+    gen = torch.manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, generator=gen)
+    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _images(folder: Path, n: int, seed: int, size=32, shift=0.0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        base = rng.uniform(0, 255, (4, 4, 3))
+        img = Image.fromarray(base.astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
+        arr = np.clip(np.asarray(img, dtype=np.float64) + shift + rng.normal(0, 20, (size, size, 3)), 0, 255)
+        Image.fromarray(arr.astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    return _images(d / "a", 12, 0), _images(d / "b", 10, 1, shift=40.0)
+
+
+def pytorch_fid(a, b, weights: Path, tmp_path: Path) -> float:
+    """pytorch-fid's own computation, its Inception loaded from the torch-hub cache where we put the same file."""
+    from pytorch_fid.fid_score import calculate_fid_given_paths
+
+    hub = tmp_path / "hub"
+    (hub / "checkpoints").mkdir(parents=True, exist_ok=True)
+    target = hub / "checkpoints" / FID_WEIGHTS_NAME
+    if not target.exists():
+        target.symlink_to(weights)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(hub))
+    try:
+        return calculate_fid_given_paths([str(a), str(b)], batch_size=7, device="cpu", dims=2048, num_workers=0)
+    finally:
+        torch.hub.set_dir(old)
+
+
+def test_fid_equals_pytorch_fid_and_npz_interchange(folders, inception_weights, tmp_path):
+    a, b = folders
+    ours = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--json"])["fid"]
+    ref = pytorch_fid(a, b, inception_weights, tmp_path)
+    assert ref > 1e-3 and abs(ours - ref) / ref < 1e-3, (ours, ref)
+    # batch size does not matter; our .npz loads in pytorch-fid and gives the same FID
+    again = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--batch-size", "5",
+                           "--json"])["fid"]
+    assert abs(again - ours) / ours < 1e-6
+    stats = tmp_path / "a_stats.npz"
+    evaluate.main(["ref-stats", str(a), "--out", str(stats), "--inception-weights", str(inception_weights), "--json"])
+    from_npz = pytorch_fid(stats, b, inception_weights, tmp_path)
+    assert abs(from_npz - ref) / ref < 1e-3
+    assert abs(evaluate.main(["fid", str(stats), str(b), "--inception-weights", str(inception_weights),
+                              "--json"])["fid"] - ours) / ours < 1e-6
+    same = evaluate.main(["fid", str(a), str(a), "--inception-weights", str(inception_weights), "--json"])["fid"]
+    assert abs(same) < 1e-6 * ours
+
+
+def test_fid_same_with_two_processes(folders, inception_weights):
+    a, b = folders
+    one = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--json"])["fid"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "pipeline/evaluate.py", "fid", str(a), str(b), "--inception-weights", str(inception_weights),
+                          "--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads(res.stdout.strip().splitlines()[-1])
+    assert two["n_a"] == 12 and abs(two["fid"] - one) / one < 1e-6
+
+
+@pytest.mark.parametrize("n,d", [(400, 32), (20, 64), (300, 256)])
+def test_frechet_distance_matches_sqrtm_formula(n, d):
+    rng = np.random.default_rng(n + d)
+    a = FeatureStats.of(rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3)
+    b = FeatureStats.of(rng.normal(size=(n, d)) * 1.5 + 0.3)
+    covmean = scipy.linalg.sqrtm(a.sigma @ b.sigma).real
+    ref = ((a.mu - b.mu) ** 2).sum() + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean)
+    assert abs(frechet_distance(a, b) - ref) / abs(ref) < 1e-6
+    assert abs(frechet_distance(a, a)) < 1e-6 * abs(ref)
+
+
+def test_precision_recall_match_a_brute_force_reference():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(60, 5)), rng.normal(size=(50, 5)) * 1.4 + 0.5
+    k = 3
+
+    def radii(x):
+        return np.array([np.sort(np.linalg.norm(x - p, axis=1))[k] for p in x])
+
+    def coverage_of(points, centres, r):
+        return np.mean([any(np.linalg.norm(p - c) <= rc for c, rc in zip(centres, r)) for p in points])
+
+    r_real, r_fake = radii(real), radii(fake)
+    ref_p, ref_r = coverage_of(fake, real, r_real), coverage_of(real, fake, r_fake)
+    inside = np.array([[np.linalg.norm(f - c) <= rc for c, rc in zip(real, r_real)] for f in fake])
+    got = precision_recall(real, fake, k=k, density_coverage=True, chunk=7)
+    assert got["precision"] == pytest.approx(ref_p) and got["recall"] == pytest.approx(ref_r)
+    assert got["density"] == pytest.approx(inside.sum() / (k * len(fake)))
+    assert got["coverage"] == pytest.approx(inside.any(0).mean())
+    assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+    same = precision_recall(real, real, k=k)
+    assert same == {"precision": 1.0, "recall": 1.0}
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+    """A tiny randomly initialised Hugging Face CLIP saved with its processor (tokenizer from OpenCLIP's BPE)."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPVisionConfig)
+
+    from tests.helpers import write_hf_tokenizer
+
+    d = tmp_path_factory.mktemp("hfclip")
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=CLIPTextConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                num_hidden_layers=2, vocab_size=49408).to_dict(),
+                     vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                                    num_hidden_layers=2, image_size=32, patch_size=8).to_dict(),
+                     projection_dim=16)
+    CLIPModel(cfg).save_pretrained(d)
+    tokenizer = write_hf_tokenizer(d)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(d)
+    return d
+
+
+def test_clip_score_matches_a_direct_computation(folders, hf_clip, tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    a, _ = folders
+    files = sorted(a.glob("*.png"))[:10]
+    captions = [f"a picture number {i} with colours" for i in range(len(files))]
+    (tmp_path / "caps.jsonl").write_text("".join(json.dumps({"file": f.name, "caption": c}) + "\n"
+                                                 for f, c in zip(files, captions)))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for f in files:
+        (imgs / f.name).write_bytes(f.read_bytes())
+    got = evaluate.main(["clip-score", "--images", str(imgs), "--captions", str(tmp_path / "caps.jsonl"),
+                         "--clip-model", str(hf_clip), "--json"])
+    model, proc = CLIPModel.from_pretrained(hf_clip), CLIPProcessor.from_pretrained(hf_clip)
+    with torch.no_grad():
+        out = model(**proc(text=captions, images=[Image.open(f).convert("RGB") for f in files], return_tensors="pt",
+                           padding=True))
+    direct = (out.image_embeds * out.text_embeds).sum(-1) / (out.image_embeds.norm(dim=-1) * out.text_embeds.norm(dim=-1))
+    assert got["clip_cosine_mean"] == pytest.approx(direct.mean().item(), abs=1e-4)
+    assert got["clip_score"] == pytest.approx(max(100 * direct.mean().item(), 0), abs=1e-2)
+    assert str(hf_clip) in got["clip_model"]
+    # same-named .txt captions work too
+    for f, c in zip(files, captions):
+        (imgs / f.name).with_suffix(".txt").write_text(c)
+    txt = evaluate.main(["clip-score", "--images", str(imgs), "--clip-model", str(hf_clip), "--json"])
+    assert txt["clip_cosine_mean"] == pytest.approx(got["clip_cosine_mean"], abs=1e-6)
+
+
+def test_clip_score_with_openclip(folders, tmp_path):
+    a, _ = folders
+    for f in sorted(a.glob("*.png"))[:4]:
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+        (tmp_path / f.name).with_suffix(".txt").write_text("a red circle")
+    got = evaluate.main(["clip-score", "--images", str(tmp_path), "--clip-model", "openclip:toy-clip",
+                         "--clip-config", str(ROOT / "launch/configs/clip/toy-clip.json"), "--json"])
+    assert -1 <= got["clip_cosine_mean"] <= 1 and got["clip_score"] == max(100 * got["clip_cosine_mean"], 0)
+    assert got["clip_model"].startswith("openclip:toy-clip")
+
+
+def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
+    from data.write_shards import write_toy
+    from pipeline import train
+
+    write_toy(tmp_path / "shards", count=48, resolution=16, max_samples=12)
+    write_toy(tmp_path / "held_out", count=8, resolution=16, seed=99, max_samples=8)
+    run = tmp_path / "run"
+    train.main(["--config", str(ROOT / "launch/configs/demo.yaml"), "--output-dir", str(run), "--max-steps", "3",
+                f"data.shards={tmp_path / 'shards'}", "data.resolution=16", "data.num_workers=0", "optim.batch_size=8",
+                "logging.tracker=none", "logging.sample_every=0", "logging.sample_steps=2"])
+    argv = ["run", "--model", str(run / "model"), "--captions", str(tmp_path / "held_out" / "00000.tar"),
+            "--num-images", "6", "--guidance", "1", "4", "--ref", str(tmp_path / "held_out" / "00000.tar"),
+            "--inception-weights", str(inception_weights), "--clip-model", "openclip:toy-clip",
+            "--clip-config", str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "3", "--out",
+            str(tmp_path / "eval"), "--batch-size", "4", "--json"]
+    first = evaluate.main(argv)
+    out = tmp_path / "eval"
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["guidance"] for r in rows] == [1.0, 4.0]
+    for r in rows:
+        assert r["n"] == 6 and r["fid"] > 0 and {"clip_score", "clip_cosine_mean", "precision", "recall"} <= r.keys()
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("guidance,n,fid")
+    assert Image.open(out / "fid_vs_clip.png").size[0] > 100
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts}
+    assert len(stamps) == 12
+    second = evaluate.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts} == stamps  # nothing new
+    assert second["results"] == first["results"]
+
+
+def test_bad_input(folders, inception_weights, tmp_path):
+    a, b = folders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="holds no images"):
+        evaluate.main(["fid", str(empty), str(b), "--inception-weights", str(inception_weights)])
+    with pytest.raises(SystemExit, match="do not exist"):
+        evaluate.main(["fid", str(a), str(b), "--inception-weights", str(tmp_path / "missing.pth")])
+    with mock.patch.object(torch.hub, "get_dir", lambda: str(tmp_path / "nohub")), \
+            pytest.raises(SystemExit, match="not available offline: looked for .*pt_inception"):
+        evaluate.main(["fid", str(a), str(b)])
+    s64 = tmp_path / "s64.npz"
+    save_stats(FeatureStats(np.zeros(64), np.eye(64), 10), s64)
+    with pytest.raises(SystemExit, match="different dimensions"):
+        evaluate.main(["fid", str(s64), str(b), "--inception-weights", str(inception_weights)])
+    assert load_stats(s64).n == 10
+    broken = tmp_path / "broken"
+    _images(broken, 5, 3)
+    (broken / "0005.png").write_bytes(b"not a png")
+    (broken / "0006.jpg").write_bytes(open(broken / "0000.png", "rb").read()[:100])
+    got = evaluate.main(["fid", str(broken), str(b), "--inception-weights", str(inception_weights), "--json"])
+    assert got["n_a"] == 5 and got["skipped"] == {"not_an_image": 1, "corrupt_image": 1}
+    (broken / "0005.png").unlink()
+    (broken / "0006.jpg").unlink()
+    (tmp_path / "caps.jsonl").write_text(json.dumps({"file": "0000.png", "caption": "x"}) + "\n")
+    with pytest.raises(SystemExit, match="no caption for 4 of 5"):
+        evaluate.main(["clip-score", "--images", str(broken), "--captions", str(tmp_path / "caps.jsonl"),
+                       "--clip-model", "openclip:toy-clip", "--clip-config",
+                       str(ROOT / "launch/configs/clip/toy-clip.json")])
