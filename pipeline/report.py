@@ -1,0 +1,90 @@
+"""Write a readable report of a quickstart (or any) run: loss curve, sample grids, the metrics table, FD-vs-CLIP plot.
+
+    python pipeline/report.py --run runs/quickstart/run --samples runs/quickstart/samples --eval runs/quickstart/eval \\
+        --out runs/quickstart/report.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def loss_curve(metrics_file: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    for line in metrics_file.read_text().splitlines():  # a resumed run may log a step twice: keep the last
+        row = json.loads(line)
+        rows[row["step"]] = row
+    steps = sorted(rows)
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(steps, [rows[s]["loss"] for s in steps])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (ε-MSE)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the training run folder")
+    p.add_argument("--samples", help="output folder of pipeline/sample.py")
+    p.add_argument("--eval", help="output folder of pipeline/evaluate.py run")
+    p.add_argument("--out", required=True, help="the report (.md); figures are written beside it")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rel = lambda path: os.path.relpath(path, out.parent)  # noqa: E731
+    run = Path(args.run)
+    lines = ["# Quickstart report", ""]
+    meta = json.loads((run / "model" / "config.json").read_text())
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    import yaml
+
+    size = yaml.safe_load((run / "config.yaml").read_text())["model"]["size"]
+    lines += [f"Training: `{run}` — {meta['step']} steps of the `{size}` U-Net at "
+              f"{meta['resolution']} px; final loss {last['loss']:.4f}; {last['images_per_s']:.0f} images/s; "
+              f"data wait {100 * last['data_wait_fraction']:.0f}%; caption dropout {last['caption_dropout_rate']:.3f}.",
+              "", f"![loss curve]({rel(loss_curve(run / 'metrics.jsonl', out.parent / 'loss.png'))})", ""]
+    if args.samples:
+        samples = Path(args.samples)
+        rows = [json.loads(line) for line in (samples / "metadata.jsonl").read_text().splitlines()]
+        prompts = list(dict.fromkeys(r["prompt"] for r in rows))
+        scales = sorted({r["guidance"] for r in rows})
+        lines += ["## Samples", "", f"Rows: prompts; columns: guidance {', '.join(f'{g:g}' for g in scales)} "
+                  f"(× {len({r['image_index'] for r in rows})} seeds); sampler {rows[0]['sampler']}, "
+                  f"{rows[0]['steps']} steps.", ""]
+        lines += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
+        lines += ["", f"![samples]({rel(samples / 'grid.png')})", ""]
+    if args.eval:
+        res = json.loads((Path(args.eval) / "results.json").read_text())
+        fd = res["fd_metric"]
+        fd_label = "FID" if fd == "fid" else f"Fréchet distance on {res['fd_features']} features (not FID)"
+        lines += ["## Metrics", "", f"{res['num_images']} held-out captions per guidance scale; reference: "
+                  f"`{res['reference']}`; CLIP score by `{res['clip_model']}`; {fd_label}; precision/recall "
+                  f"{res['precision_recall']}.", "",
+                  "| guidance | " + ("FID" if fd == "fid" else "Fréchet distance (CLIP features)") +
+                  " | CLIP score | mean cosine | precision | recall |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+        for r in res["results"]:
+            lines.append(f"| {r['guidance']:g} | {r[fd]:.3f} | {r['clip_score']:.2f} | {r['clip_cosine_mean']:.4f} | "
+                         f"{r.get('precision', float('nan')):.3f} | {r.get('recall', float('nan')):.3f} |")
+        lines += ["", f"![FD vs CLIP]({rel(Path(args.eval) / 'fid_vs_clip.png')})", ""]
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return out
+
+
+if __name__ == "__main__":
+    main()

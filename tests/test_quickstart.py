@@ -1,0 +1,41 @@
+"""The one-command quickstart, shortened (a few steps), end to end on CPU: every artefact exists and is well formed."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shortened_quickstart_end_to_end(tmp_path):
+    out = tmp_path / "qs"
+    env = {**os.environ, "OUT": str(out), "SKIP_SETUP": "1", "STEPS": "4", "CLIP_STEPS": "3", "COUNT": "128",
+           "EVAL_IMAGES": "8", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+    assert json.loads((out / "toy_shards" / "manifest.json").read_text())["samples"] == 128
+    assert (out / "toy_clip.safetensors").stat().st_size > 0
+    meta = json.loads((out / "run" / "model" / "config.json").read_text())
+    assert meta["step"] == 4 and meta["text_encoder"]["pretrained"].endswith("toy_clip.safetensors")
+    grid = Image.open(out / "samples" / "grid.png")
+    assert grid.size == (6 * 32 + 7 * 2, 4 * 32 + 5 * 2)  # 4 prompts × (3 guidance scales × 2 seeds)
+    assert len(list((out / "samples" / "images").glob("*.png"))) == 24
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert [r["guidance"] for r in results["results"]] == [1, 2, 3, 5]
+    assert all(r["n"] == 8 and "fd_clip" in r and "clip_score" in r for r in results["results"])
+    assert (out / "eval" / "results.csv").read_text().count("\n") == 5
+    for png in ("loss.png", "eval/fid_vs_clip.png"):
+        assert Image.open(out / png).size[0] > 100
+    report = (out / "report.md").read_text()
+    for needle in ("loss.png", "samples/grid.png", "eval/fid_vs_clip.png", "| guidance |", "not FID"):
+        assert needle in report, needle
+    # idempotent: a second run reuses everything and only rewrites the report
+    again = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "writing 128 toy samples" not in again.stdout and "training the toy CLIP" not in again.stdout
