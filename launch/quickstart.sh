@@ -36,6 +36,7 @@ RESUME=()
 if ls "$OUT"/run/checkpoints/step_*/train_state.json >/dev/null 2>&1; then RESUME=(--resume latest); fi
 say "training the tiny U-Net to step $STEPS"
 .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  --num_cpu_threads_per_process "$(nproc)" \
   pipeline/train.py --config launch/configs/demo.yaml --output-dir "$OUT/run" --max-steps "$STEPS" "${RESUME[@]}" \
   "data.shards=$SHARDS" "text_encoder.pretrained=$OUT/toy_clip.safetensors" logging.sample_every=500
 

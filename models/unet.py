@@ -71,13 +71,14 @@ class ResBlock(nn.Module):
         self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
         self.out_norm = _norm(cout)
-        self.out_layers = nn.Sequential(nn.SiLU(), nn.Dropout(dropout), _zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p = 0 would still store a mask in training
+        self.out_layers = nn.Sequential(nn.SiLU(), drop, _zero(nn.Conv2d(cout, cout, 3, padding=1)))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, emb, ctx=None, mask=None):
         h = self.in_layers(x)
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = self.out_norm(h) * (1 + scale) + shift
+        h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # GN(h)·(1 + scale) + shift, one fused op
         return self.skip(x) + self.out_layers(h)
 
 

@@ -204,7 +204,8 @@ def main(argv=None):
         ds["train_micro_batch_size_per_gpu"] = o.batch_size
         ds["gradient_accumulation_steps"] = o.grad_accum
         ds["train_batch_size"] = o.batch_size * o.grad_accum * world
-        ds.setdefault("gradient_clipping", o.grad_clip or 0.0)
+        if ds.get("gradient_clipping", "auto") == "auto":
+            ds["gradient_clipping"] = o.grad_clip or 0.0
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # the text encoder stays out
 
     step, nan_skips, nan_in_row, dropped_total, seen_total = 0, 0, 0, 0, 0
