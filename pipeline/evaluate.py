@@ -303,13 +303,19 @@ def plot(rows: list[dict], fd_name: str, path: Path, fd_features: str, clip_mode
     ax.plot(xs, ys, "o-")
     for r, x, y in zip(rows, xs, ys):
         ax.annotate(f"w={r['guidance']:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"CLIP score ({clip_model})")
-    ax.set_ylabel("FID" if fd_name == "fid" else f"Fréchet distance on {fd_features} features")
+    ax.set_xlabel(f"CLIP score ({_short(clip_model)})")
+    ax.set_ylabel("FID" if fd_name == "fid" else f"Fréchet distance on {_short(fd_features)} features")
     ax.set_title("Fréchet distance vs CLIP score across guidance scales", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _short(identity: str) -> str:
+    """"openclip:toy-clip:/runs/x.safetensors" → "toy-clip"; "hf_clip:/weights/clip-vit" → "clip-vit"."""
+    parts = identity.split(":")
+    return Path(parts[1]).name if len(parts) > 1 else identity
 
 
 def parse_args(argv=None):
