@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import resource
 import time
 
 import psutil
@@ -67,14 +66,30 @@ def train_step(fn, opt, x, t, c):
 
 
 def _peak_child(which, kind, b, res, q):
+    """Peak RSS growth over two training steps, polled every 2 ms (ru_maxrss would also count any peak reached
+    while importing and building, before the steps start)."""
+    import threading
+
     torch.set_num_threads(2)
     m, fn = make(which, kind)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     x, t, c = batch(b, res)
-    base = psutil.Process().memory_info().rss  # now, with the model and batch in memory
+    proc = psutil.Process()
+    base = proc.memory_info().rss  # now, with the model and batch in memory
+    peak, done = [base], threading.Event()
+
+    def poll():
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     for _ in range(2):
         train_step(fn, opt, x, t, c)
-    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20)  # peak growth, MiB
+    done.set()
+    poller.join()
+    q.put((peak[0] - base) / 2**20)  # peak growth, MiB
 
 
 def peak_mib(which, kind, b, res):
