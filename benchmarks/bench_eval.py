@@ -34,6 +34,8 @@ def make_weights(path: Path):
     import torchvision
     from pytorch_fid import inception
 
+    # Build the architecture only: pytorch-fid's URL fetch is replaced by a no-op (nothing is downloaded) and the
+    # random Kaiming weights below are what the benchmark saves and loads as a local file.
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
         net = inception.fid_inception_v3()

@@ -154,7 +154,8 @@ def read_shard(url: str, counts: Counter):
         stream.close()
 
 
-def _caption(raw: dict, keys: list[str]) -> str:
+def caption_of(raw: dict, keys: list[str]) -> str:
+    """The caption of a raw sample: the first of ``keys`` present ("txt", or "json.FIELD"); raises BadSample."""
     for key in keys:
         ext, _, fld = key.partition(".")
         if ext not in raw:
@@ -172,6 +173,16 @@ def _caption(raw: dict, keys: list[str]) -> str:
         if value is not None:
             return str(value).strip()
     raise BadSample("missing_caption")
+
+
+def read_captions(spec, keys: list[str], skipped: Counter):
+    """Every caption in the shards, in order, without decoding images (unusable captions are counted)."""
+    for url in resolve_shards(spec):
+        for raw in read_shard(url, skipped):
+            try:
+                yield caption_of(raw, keys)
+            except BadSample as bad:
+                skipped[bad.reason] += 1
 
 
 class ShardStream(IterableDataset):
@@ -244,7 +255,7 @@ class ShardStream(IterableDataset):
     def process(self, raw: dict, epoch: int):
         """raw sample → (image uint8 (R, R, 3), caption, key, (w, h)); raises BadSample."""
         cfg = self.cfg
-        caption = _caption(raw, cfg.caption_keys)
+        caption = caption_of(raw, cfg.caption_keys)
         if not caption and cfg.drop_empty_captions:
             raise BadSample("empty_caption")
         ext = next((k for k in IMAGE_KEYS if k in raw), None)

@@ -163,22 +163,14 @@ def read_captions(source: str, limit: int) -> list[str]:
     path = Path(source)
     if path.is_file() and path.suffix in (".txt", ".jsonl"):
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        captions = [json.loads(line).get("caption", json.loads(line).get("prompt")) for line in lines] \
-            if path.suffix == ".jsonl" else [line.strip() for line in lines]
+        rows = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else None
+        captions = [r.get("caption", r.get("prompt")) for r in rows] if rows else [line.strip() for line in lines]
     else:
-        from data.loader import _caption, read_shard, resolve_shards
+        from itertools import islice
 
-        captions, skipped = [], Counter()
-        for url in resolve_shards(source):
-            for raw in read_shard(url, skipped):
-                try:
-                    captions.append(_caption(raw, ["txt", "json.caption"]))
-                except BadSample:
-                    continue
-                if len(captions) >= limit:
-                    break
-            if len(captions) >= limit:
-                break
+        from data.loader import read_captions as shard_captions
+
+        captions = list(islice(shard_captions(source, ["txt", "json.caption"], Counter()), limit))
     captions = [c for c in captions if c is not None]
     if not captions:
         raise ValueError(f"no captions in {source}")
@@ -264,11 +256,10 @@ def cmd_run(args) -> dict:
                  args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process)
         state.wait_for_everyone()
         files = [folder / "images" / j.name for j in jobs]
-        skipped: Counter = Counter()
-        feats = extract(extractor, load_folder(files, skipped), args.batch_size, rank, world, desc=f"features g={g:g}")
+        pairs = list(load_folder(files, Counter()))  # read once: for the features and for the CLIP score
+        feats = extract(extractor, pairs, args.batch_size, rank, world, desc=f"features g={g:g}")
         row = {"guidance": g, "n": len(feats), fd_name: frechet_distance(FeatureStats.of(feats), ref_stats)}
         if state.is_main_process:
-            pairs = list(load_folder(files, Counter()))
             row.update({k: v for k, v in summarize(scorer.cosines([im for _, im in pairs],
                                                                   [captions[i] for i, _ in pairs]),
                                                    scorer.identity).items() if k != "n"})

@@ -31,8 +31,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
     noise = torch.stack([torch.randn(channels, resolution, resolution, generator=g, device=device) for g in gens])
-    cond = _to(encoder.encode(list(prompts)), device, dtype)
-    uncond = _to(encoder.encode(list(negative)), device, dtype) if guidance != 1 else None
+    cond = cond_to(encoder.encode(list(prompts)), device, dtype)
+    uncond = cond_to(encoder.encode(list(negative)), device, dtype) if guidance != 1 else None
 
     def net(x, t, c):
         return model(x.to(dtype), t, c).float()
@@ -43,7 +43,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
     return images.clamp(-1, 1)
 
 
-def _to(cond: dict, device, dtype) -> dict:
+def cond_to(cond: dict, device, dtype=torch.float32) -> dict:
+    """A text encoder's output dict on ``device``; floating tensors in ``dtype``, the mask as it is."""
     return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
 
 

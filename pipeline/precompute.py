@@ -19,8 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tqdm import tqdm  # noqa: E402
 
-from data.images import BadSample  # noqa: E402
-from data.loader import _caption, read_shard, resolve_shards  # noqa: E402
+from data.loader import read_captions  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 
@@ -29,13 +28,9 @@ log = logging.getLogger("precompute")
 
 def collect_captions(shards, caption_keys) -> tuple[list[str], Counter]:
     skipped: Counter = Counter()
-    captions: dict[str, None] = {"": None}  # the unconditional caption first
-    for url in tqdm(resolve_shards(shards), desc="reading captions", unit="shard"):
-        for raw in read_shard(url, skipped):
-            try:
-                captions[_caption(raw, caption_keys)] = None
-            except BadSample as bad:
-                skipped[bad.reason] += 1
+    captions: dict[str, None] = {"": None}  # the unconditional caption first; a dict keeps order, drops repeats
+    for caption in tqdm(read_captions(shards, caption_keys, skipped), desc="reading captions", unit=" captions"):
+        captions[caption] = None
     return list(captions), skipped
 
 

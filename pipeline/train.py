@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import Counter
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: 
 from models.unet import UNet  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config  # noqa: E402
-from pipeline.generate import generate, image_seed  # noqa: E402
+from pipeline.generate import cond_to, generate, image_seed  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -98,11 +99,6 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     """Replace each caption by "" (the unconditional input) with probability ``p``; returns (captions, dropped)."""
     drop = torch.rand(len(captions), generator=generator) < p
     return ["" if d else c for c, d in zip(captions, drop.tolist())], int(drop.sum())
-
-
-def text_conditioning(encoder, captions: list[str], device, dtype=torch.float32) -> dict:
-    cond = encoder.encode(captions)
-    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in cond.items()}
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -227,7 +223,8 @@ def main(argv=None):
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
-    grad_norm_sum, logged_steps, wait_time, t_last, images_since = 0.0, 0, 0.0, time.perf_counter(), 0
+    grad_norm_sum = torch.zeros((), device=device)  # summed on the device: no host sync until the log step
+    logged_steps, wait_time, t_last, images_since = 0, 0.0, time.perf_counter(), 0
     model.train()
     while step < cfg.train.max_steps:
         finite_micro = 0
@@ -240,11 +237,12 @@ def main(argv=None):
             dropped_total += dropped
             seen_total += len(captions)
             images_since += len(captions)
-            cond = text_conditioning(encoder, captions, device)
+            cond = cond_to(encoder.encode(captions), device)
             x0 = batch.pixels(device)
             noise_gen = torch.Generator(device).manual_seed(hash_seed(cfg.train.seed, rank, step, micro, 1))
             with accelerator.accumulate(model), accelerator.autocast():
                 loss = diffusion.training_losses(model, x0, cond, generator=noise_gen)["loss"].mean()
+                # The one host sync per micro-step: every rank must agree to skip, or DDP's all-reduce hangs.
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
                 if finite:  # every rank agrees, so DDP's all-reduce stays matched
                     accelerator.backward(loss)
@@ -253,7 +251,8 @@ def main(argv=None):
         if finite_micro:
             if accelerator.sync_gradients and o.grad_clip > 0:
                 norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                grad_norm_sum += float(norm) if norm is not None else 0.0
+                if norm is not None:  # DeepSpeed clips inside its engine and returns None
+                    grad_norm_sum += norm.detach().float() if torch.is_tensor(norm) else norm
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -273,9 +272,9 @@ def main(argv=None):
 
         if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - t_last
-            skipped = _sum_counts(gather_object([loader.skipped]))
+            skipped = dict(sum((Counter(c) for c in gather_object([loader.skipped])), Counter()))
             metrics = {"loss": accelerator.reduce(loss_sum, "mean").item() / max(1, logged_steps * o.grad_accum),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum / max(1, logged_steps),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum.item() / max(1, logged_steps),
                        "images_per_s": images_since * world / elapsed, "data_wait_fraction": wait_time / elapsed,
                        "nan_skips": nan_skips, "caption_dropout_rate": dropped_total / max(1, seen_total),
                        "epoch": loader.epoch, **{f"skipped/{k}": v for k, v in skipped.items()}}
@@ -288,7 +287,8 @@ def main(argv=None):
                      step, metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"],
                      100 * metrics["data_wait_fraction"], skipped or "none")
             loss_sum.zero_()
-            grad_norm_sum, logged_steps, wait_time, images_since, t_last = 0.0, 0, 0.0, 0, time.perf_counter()
+            grad_norm_sum.zero_()
+            logged_steps, wait_time, images_since, t_last = 0, 0.0, 0, time.perf_counter()
 
         last = step == cfg.train.max_steps
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or last:
@@ -325,14 +325,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
-
-def _sum_counts(per_rank: list[dict]) -> dict:
-    total: dict = {}
-    for counts in per_rank:
-        for k, v in counts.items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 def _log_image(accelerator, path: Path, step: int):

@@ -232,6 +232,18 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     assert second["results"] == first["results"]
 
 
+def test_unofficial_file_under_the_official_name_is_warned_about(inception_weights, tmp_path, caplog):
+    from metrics.fid import check_sha256
+
+    named = tmp_path / FID_WEIGHTS_NAME
+    named.write_bytes(inception_weights.read_bytes())
+    with caplog.at_level("WARNING"):
+        check_sha256(named)
+        check_sha256(inception_weights)  # another name: no claim to check
+    assert [r.getMessage() for r in caplog.records if "not the official" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+
+
 def test_bad_input(folders, inception_weights, tmp_path):
     a, b = folders
     empty = tmp_path / "empty"

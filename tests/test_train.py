@@ -113,6 +113,17 @@ def test_resume_is_exact(shards, tmp_path):
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_00000006", "step_00000012"]
 
 
+def test_gradient_accumulation(shards, tmp_path):
+    run = tmp_path / "accum"
+    train.main(small(shards, run, "--max-steps", "3", "optim.grad_accum=2"))
+    state = json.loads((run / "checkpoints" / "step_00000003" / "train_state.json").read_text())
+    assert state["seen"] == 3 * 2 * 8  # two micro-batches of 8 per optimiser step
+    assert json.loads((run / "checkpoints" / "step_00000003" / "data" / "rank0.json").read_text())["delivered"] == 6
+    raw, init = weights(run / "model" / "unet.safetensors"), train.UNet(train.model_config("tiny", context_dim=64,
+                                                                                         pooled_dim=64)).state_dict()
+    assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the optimiser stepped
+
+
 def _nan_losses(monkeypatch, bad_steps):
     """Make the loss non-finite on the given calls of training_losses (counted from 0)."""
     from diffusion.gaussian import GaussianDiffusion
