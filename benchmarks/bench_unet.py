@@ -1,17 +1,24 @@
 """One training step (forward + backward + AdamW) of our U-Net vs diffusers' UNet2DConditionModel.
 
-Matched parameter count (printed), resolution and batch; caption tokens (B, 77, 512) as the conditioning.
-Throughput is measured in this process, alternating the two models; peak memory is the peak RSS growth of a
-fresh child process per model (CPU has no allocator statistics). Also prints model FLOPs per image
-(torch.utils.flop_counter) so GPU MFU = FLOPs/image × images/s / peak FLOP/s.
+Matched parameter count (printed), resolution and batch; caption tokens (B, 77, 512) as the conditioning; the same
+optimizer (fused AdamW, as the training job uses) and the same precision and memory format for both models.
+Throughput is measured in this process, alternating the two models. Memory is measured in a fresh child process
+per model, two ways: the peak of live tensor bytes during one step (PyTorch's profiler memory timeline, the CPU
+analogue of ``torch.cuda.max_memory_allocated``; deterministic) and the peak RSS growth over the first two steps,
+polled every 2 ms (what the OS sees; median of 3, glibc's mmap threshold pinned — see ``peak_mib``). Also prints model FLOPs per image (torch.utils.flop_counter) so GPU MFU =
+FLOPs/image × images/s / peak FLOP/s.
 
-    python benchmarks/bench_unet.py [--steps 5] [--batch 16]
+    python benchmarks/bench_unet.py [--sizes tiny small] [--precisions fp32 bf16] [--channels-last] [--steps 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
+import statistics
+import tempfile
 import time
 
 import psutil
@@ -58,24 +65,32 @@ def batch(b, res):
     return torch.randn(b, 3, res, res, generator=g), torch.randint(0, 1000, (b,), generator=g), cond
 
 
-def train_step(fn, opt, x, t, c):
-    loss = fn(x, t, c).float().pow(2).mean()
+def setup(which, kind, b, res, channels_last):
+    m, fn = make(which, kind)
+    x, t, c = batch(b, res)
+    if channels_last:
+        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    return m, fn, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), (x, t, c)
+
+
+def train_step(fn, opt, data, precision):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = fn(*data).float().pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
 
 
-def _peak_child(which, kind, b, res, q):
-    """Peak RSS growth over two training steps, polled every 2 ms (ru_maxrss would also count any peak reached
-    while importing and building, before the steps start)."""
+def _peak_child(which, kind, b, res, precision, channels_last, q):
+    """(peak live tensor MiB during a step, peak RSS growth MiB over the first two steps)."""
     import threading
 
+    from torch.profiler import ProfilerActivity, profile
+
     torch.set_num_threads(2)
-    m, fn = make(which, kind)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    x, t, c = batch(b, res)
+    _, fn, opt, data = setup(which, kind, b, res, channels_last)
     proc = psutil.Process()
-    base = proc.memory_info().rss  # now, with the model and batch in memory
+    base = proc.memory_info().rss  # the model and the batch are in memory; no step has run
     peak, done = [base], threading.Event()
 
     def poll():
@@ -86,54 +101,84 @@ def _peak_child(which, kind, b, res, q):
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     for _ in range(2):
-        train_step(fn, opt, x, t, c)
+        train_step(fn, opt, data, precision)
     done.set()
     poller.join()
-    q.put((peak[0] - base) / 2**20)  # peak growth, MiB
+    # gradients and optimizer state exist from here on, as in training: the timeline counts them from its start
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        train_step(fn, opt, data, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(os.path.join(tmp, "mem.raw.json"), device="cpu")
+        with open(os.path.join(tmp, "mem.raw.json")) as f:
+            _, sizes = json.load(f)
+    totals = [sum(s) for s in sizes]  # bytes live (by category) at each allocation event
+    q.put(((max(totals) - totals[0]) / 2**20, (peak[0] - base) / 2**20))
 
 
-def peak_mib(which, kind, b, res):
+def peak_mib(*args, repeats=3):
+    """(tensor peak, median RSS peak growth) in MiB, each run in a fresh spawned process.
+
+    The children pin glibc's mmap threshold at 128 KiB: with its default adaptive threshold, freed activation
+    blocks stay in the heap and the RSS peak depends on allocation history more than on live memory."""
     ctx = mp.get_context("spawn")  # fork after torch has started its thread pool can deadlock
-    q = ctx.Queue()
-    p = ctx.Process(target=_peak_child, args=(which, kind, b, res, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+    runs, old = [], os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # read by the child's libc at start-up only
+    try:
+        for _ in range(repeats):
+            q = ctx.Queue()
+            p = ctx.Process(target=_peak_child, args=(*args, q))
+            p.start()
+            runs.append(q.get())
+            p.join()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    return runs[0][0], statistics.median(r[1] for r in runs)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per model (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per model and setting (after one warm-up)")
     ap.add_argument("--batch", type=int, default=16, help="images per step")
     ap.add_argument("--res", type=int, default=32, help="image resolution")
     ap.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=["tiny", "small"], help="which comparisons")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="fp32, and/or bf16 autocast (uses AMX on CPUs that have it)")
+    ap.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    fmt = "channels_last" if args.channels_last else "NCHW"
     for kind in args.sizes:
-        models = {w: make(w, kind) for w in ("ours", "diffusers")}
-        opts = {w: torch.optim.AdamW(models[w][0].parameters(), lr=1e-4) for w in models}
-        x, t, c = batch(args.batch, args.res)
-        times = {w: [] for w in models}
-        for w in models:
-            train_step(models[w][1], opts[w], x, t, c)  # warm-up
-        for _ in range(args.steps):  # alternate, so both see the same machine state
-            for w in models:
-                t0 = time.perf_counter()
-                train_step(models[w][1], opts[w], x, t, c)
-                times[w].append(time.perf_counter() - t0)
-        print(f"\n== {kind} @ {args.res}px, batch {args.batch}, {args.steps} steps ==")
-        res = {}
-        for w, (m, fn) in models.items():
-            with FlopCounterMode(display=False) as fc:
-                fn(x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
-            step = sorted(times[w])[len(times[w]) // 2]
-            res[w] = (sum(p.numel() for p in m.parameters()), args.batch / step, peak_mib(w, kind, args.batch, args.res),
-                      fc.get_total_flops())
-            print(f"{w:10s} params {res[w][0] / 1e6:6.2f}M  {res[w][1]:7.2f} img/s  peak +{res[w][2]:7.0f} MiB  "
-                  f"train FLOPs/img {res[w][3] / 1e9:.2f} G")
-        o, d = res["ours"], res["diffusers"]
-        print(f"ratios ours/diffusers: params {o[0] / d[0]:.2f}  throughput {o[1] / d[1]:.2f}x  memory {o[2] / d[2]:.2f}x")
+        best = {}
+        for precision in args.precisions:
+            runs = {w: setup(w, kind, args.batch, args.res, args.channels_last) for w in ("ours", "diffusers")}
+            times = {w: [] for w in runs}
+            for w, (m, fn, opt, data) in runs.items():
+                train_step(fn, opt, data, precision)  # warm-up
+            for _ in range(args.steps):  # alternate, so both see the same machine state
+                for w, (m, fn, opt, data) in runs.items():
+                    t0 = time.perf_counter()
+                    train_step(fn, opt, data, precision)
+                    times[w].append(time.perf_counter() - t0)
+            print(f"\n== {kind} @ {args.res}px, batch {args.batch}, {precision}, {fmt}, median of {args.steps} steps ==")
+            res = {}
+            for w, (m, fn, opt, (x, t, c)) in runs.items():
+                with FlopCounterMode(display=False) as fc:
+                    fn(x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
+                ips = args.batch / statistics.median(times[w])
+                tensor_mib, rss_mib = peak_mib(w, kind, args.batch, args.res, precision, args.channels_last)
+                res[w] = (sum(p.numel() for p in m.parameters()), ips, tensor_mib, rss_mib, fc.get_total_flops())
+                best[w] = max(best.get(w, (0, "")), (ips, precision))
+                print(f"{w:10s} params {res[w][0] / 1e6:6.2f}M  {ips:7.2f} img/s  tensor peak {tensor_mib:6.0f} MiB  "
+                      f"RSS peak +{rss_mib:6.0f} MiB  train FLOPs/img {res[w][4] / 1e9:.2f} G")
+            o, d = res["ours"], res["diffusers"]
+            print(f"ratios ours/diffusers: params {o[0] / d[0]:.2f}  throughput {o[1] / d[1]:.2f}x  "
+                  f"tensor memory {o[2] / d[2]:.2f}x  RSS memory {o[3] / d[3]:.2f}x")
+        if len(best) == 2 and len(args.precisions) > 1:
+            (oi, op), (di, dp) = best["ours"], best["diffusers"]
+            print(f"best setting of each: ours {oi:.1f} img/s ({op}) vs diffusers {di:.1f} img/s ({dp}): {oi / di:.2f}x")
 
 
 if __name__ == "__main__":

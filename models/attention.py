@@ -67,4 +67,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
     attn_mask = None if mask is None else mask[:, None, None, :]
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU flash kernel is ~3x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
+        # attend in fp32 (outside autocast, which would cast back to bf16)
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
+        return out.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

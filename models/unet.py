@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+from .norm_act import group_norm_silu
 
 
 @dataclass
@@ -64,56 +65,65 @@ def _zero(m: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """GN → SiLU → conv, then GN(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv (zero init)."""
+    """GN → SiLU → conv, then GN(h)·(1 + scale) + shift from the embedding → SiLU → dropout → conv (zero init).
+
+    Each GN → (scale-shift) → SiLU is one memory-lean autograd node (``models.norm_act``)."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float):
         super().__init__()
-        self.in_layers = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1))
+        self.norm1, self.conv1 = _norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
         self.emb = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * cout))
-        self.out_norm = _norm(cout)
-        drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p = 0 would still store a mask in training
-        self.out_layers = nn.Sequential(nn.SiLU(), drop, _zero(nn.Conv2d(cout, cout, 3, padding=1)))
+        self.norm2 = _norm(cout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p = 0 would still store a mask
+        self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, emb, ctx=None, mask=None):
-        h = self.in_layers(x)
+        h = self.conv1(group_norm_silu(x, self.norm1))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
-        h = torch.addcmul(shift, self.out_norm(h), 1 + scale)  # GN(h)·(1 + scale) + shift, one fused op
-        return self.skip(x) + self.out_layers(h)
+        h = self.conv2(self.dropout(group_norm_silu(h, self.norm2, scale, shift)))
+        return self.skip(x) + h
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) → (B, H·W, C), a view (contiguous when x is channels_last)."""
+    return x.flatten(2).transpose(1, 2)
 
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the H·W positions, then cross-attention to the caption tokens (padding masked)."""
+    """Self-attention over the H·W positions, then cross-attention to the caption tokens (padding masked).
+
+    GroupNorm on the image, then Linear projections on the (B, H·W, C) token view: one matrix multiply each,
+    and no copy at all when the activations are channels_last."""
 
     def __init__(self, ch: int, context_dim: int, head_channels: int, backend: str):
         super().__init__()
         self.heads = max(1, ch // head_channels)
         self.backend = backend
-        self.norm1, self.qkv = _norm(ch), nn.Conv1d(ch, 3 * ch, 1)
-        self.proj1 = _zero(nn.Conv1d(ch, ch, 1))
-        self.norm2, self.q = _norm(ch), nn.Conv1d(ch, ch, 1)
+        self.norm1, self.qkv, self.proj1 = _norm(ch), nn.Linear(ch, 3 * ch), _zero(nn.Linear(ch, ch))
+        self.norm2, self.q, self.proj2 = _norm(ch), nn.Linear(ch, ch), _zero(nn.Linear(ch, ch))
         self.kv = nn.Linear(context_dim, 2 * ch)
-        self.proj2 = _zero(nn.Conv1d(ch, ch, 1))
 
-    def _split(self, x):  # (B, C, L) → (B, H, L, C/H)
-        b, c, n = x.shape
-        return x.reshape(b, self.heads, c // self.heads, n).transpose(-1, -2)
+    def _split(self, x):  # (B, L, C) → (B, heads, L, C/heads)
+        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
-    def _merge(self, x):  # (B, H, L, d) → (B, C, L)
-        b, h, n, d = x.shape
-        return x.transpose(-1, -2).reshape(b, h * d, n)
+    def _attend(self, q, k, v, mask, proj, like):  # → proj(attention) as an image shaped like `like`
+        out = attention(self._split(q), self._split(k), self._split(v), mask=mask, backend=self.backend)
+        out = proj(out.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(like.shape)  # (B, C, H, W), channels_last
+        return out.contiguous(memory_format=_memory_format(like))  # keep the network in one layout (no copies later)
 
     def forward(self, x, emb=None, ctx=None, mask=None):
-        b, c, hh, ww = x.shape
-        h = x.reshape(b, c, hh * ww)
-        q, k, v = self.qkv(self.norm1(h)).chunk(3, dim=1)
-        h = h + self.proj1(self._merge(attention(self._split(q), self._split(k), self._split(v), backend=self.backend)))
+        q, k, v = self.qkv(_tokens(self.norm1(x))).chunk(3, dim=-1)  # (B, H·W, C) each
+        h = x + self._attend(q, k, v, None, self.proj1, x)
         if ctx is not None:
-            q = self._split(self.q(self.norm2(h)))
-            k, v = self.kv(ctx).transpose(1, 2).chunk(2, dim=1)  # (B, C, L_text) each
-            out = attention(q, self._split(k), self._split(v), mask=mask, backend=self.backend)
-            h = h + self.proj2(self._merge(out))
-        return h.reshape(b, c, hh, ww)
+            k, v = self.kv(ctx).chunk(2, dim=-1)  # (B, L_text, C) each
+            h = h + self._attend(self.q(_tokens(self.norm2(h))), k, v, mask, self.proj2, x)
+        return h
 
 
 class Downsample(nn.Module):
@@ -187,7 +197,8 @@ class UNet(nn.Module):
                 if level != 0 and i == cfg.num_res_blocks:
                     blocks.append(Upsample(ch))
                 self.up.append(Stage(blocks))
-        self.out = nn.Sequential(_norm(ch), nn.SiLU(), _zero(nn.Conv2d(ch, cfg.out_channels or cfg.in_channels, 3, padding=1)))
+        self.out_norm = _norm(ch)
+        self.out_conv = _zero(nn.Conv2d(ch, cfg.out_channels or cfg.in_channels, 3, padding=1))
 
     @property
     def downsample_factor(self) -> int:
@@ -218,4 +229,4 @@ class UNet(nn.Module):
         h = self.middle(h, emb, ctx, mask, ckpt)
         for stage in self.up:
             h = stage(torch.cat([h, hs.pop()], dim=1), emb, ctx, mask, ckpt)
-        return self.out(h)
+        return self.out_conv(group_norm_silu(h, self.out_norm))

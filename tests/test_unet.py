@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model, model_config
 from models import attention as attn_mod
+from models import build_model, model_config
 from models.attention import attention, naive_attention, select_backend
+from models.norm_act import group_norm_silu
 
 
 def _randomize(m: nn.Module, seed=0):
@@ -92,14 +93,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def test_channels_last_gives_the_same_output():
-    m = _randomize(_tiny()).eval()
+def test_channels_last_gives_the_same_output_and_gradients():
+    m = _randomize(_tiny())
+    m2 = _tiny()
+    m2.load_state_dict(m.state_dict())
+    m2 = m2.to(memory_format=torch.channels_last)
     x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), _cond()
-    with torch.no_grad():
-        ref = m(x, t, c)
-        m2 = m.to(memory_format=torch.channels_last)
-        out = m2(x.to(memory_format=torch.channels_last), t, c)
+    ref = m(x, t, c)
+    out = m2(x.to(memory_format=torch.channels_last), t, c)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # the layout survives the attention blocks
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref.pow(2).sum().backward()
+    out.pow(2).sum().backward()
+    for a, b in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4)
 
 
 def test_sdpa_equals_naive_attention():
@@ -146,3 +153,72 @@ def test_unknown_size_and_keys():
         model_config("tiny", depth=3)
     with pytest.raises(ValueError, match="attention_levels"):
         model_config("tiny", attention_levels=(5,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_group_norm_silu_matches_autograd(channels_last, scale_shift):
+    """The memory-lean GN → scale-shift → SiLU node: same values and gradients as autograd's composition."""
+    g = torch.Generator().manual_seed(0)
+    norm = nn.GroupNorm(4, 16).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(16, generator=g, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(16, generator=g, dtype=torch.float64))
+    x = torch.randn(3, 16, 5, 6, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    ss = [torch.randn(3, 16, 1, 1, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)] if scale_shift else []
+    out = group_norm_silu(x, norm, *ss)
+    ref = torch.nn.functional.silu(norm(x) * (1 + ss[0]) + ss[1] if ss else norm(x))
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    inputs = [x, norm.weight, norm.bias, *ss]
+    gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *s: group_norm_silu(x, norm, *s), (x, *ss))
+
+
+def test_group_norm_silu_saves_only_its_input():
+    """The point of the fused node: the normalised and scale-shifted tensors are not kept for backward."""
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    scale, shift = torch.randn(2, 16, 1, 1, requires_grad=True), torch.randn(2, 16, 1, 1, requires_grad=True)
+
+    def saved_full_size(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fn()
+        return sum(1 for s in sizes if s == x.numel())
+
+    assert saved_full_size(lambda: group_norm_silu(x, norm, scale, shift)) == 1  # x only
+    assert saved_full_size(lambda: torch.nn.functional.silu(torch.addcmul(shift, norm(x), 1 + scale))) >= 3
+
+
+def test_bf16_autocast_training_step_is_close_to_fp32():
+    """CPU bf16 autocast (AMX where present): output and gradients follow fp32 to bf16 precision; attention on a
+    CPU runs in fp32 inside it."""
+    m = _randomize(_tiny())
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _cond()
+    grads, outs = [], []
+    for bf16 in (False, True):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(x, t, c)
+        assert out.dtype == (torch.bfloat16 if bf16 else torch.float32)
+        out.float().pow(2).mean().backward()
+        outs.append(out.float())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(outs[1], outs[0]) < 0.03
+    assert rel(grads[1], grads[0]) < 0.05
+
+
+def test_cpu_half_precision_attention_runs_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=g) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
+    assert out.dtype == torch.bfloat16
+    ref = naive_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double())
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # only the final rounding to bf16
