@@ -24,6 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
+CPU_CHUNK = 8  # images per Inception forward on a CPU
 FID_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carries the first 8 hex digits of its SHA-256
 
 
@@ -52,6 +53,16 @@ def check_sha256(path: Path):
                     "not comparable with published ones", path, digest[:8], FID_SHA256_PREFIX)
 
 
+def _fold_batch_norms(net: torch.nn.Module) -> None:
+    """Fold every inference-mode BatchNorm into the convolution before it (torchvision's ``BasicConv2d``:
+    conv → bn → relu): one pass less over each activation (~1.25× on a CPU), features equal to ~1e-6 relative."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    for m in net.modules():
+        if isinstance(getattr(m, "conv", None), torch.nn.Conv2d) and isinstance(getattr(m, "bn", None), torch.nn.BatchNorm2d):
+            m.conv, m.bn = fuse_conv_bn_eval(m.conv, m.bn), torch.nn.Identity()
+
+
 class InceptionFeatures(torch.nn.Module):
     """images (B, 3, H, W) float in [0, 1] → pool3 features (B, 2048), exactly pytorch-fid's model."""
 
@@ -69,13 +80,19 @@ class InceptionFeatures(torch.nn.Module):
 
         with mock.patch.object(inception, "load_state_dict_from_url", local):
             self.net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+        self.net.eval().requires_grad_(False)
+        _fold_batch_norms(self.net)
         # channels_last: oneDNN's fast convolution layout on CPUs (~1.5× here), the same numbers to ~1e-6
-        self.net.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self.net.to(memory_format=torch.channels_last)
         self.identity = f"inception:{path.name}"
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images.contiguous(memory_format=torch.channels_last))[0].flatten(1).clone()
+        x = images.contiguous(memory_format=torch.channels_last)
+        # On a CPU, 8 images per forward run ~1.2× faster than 50 (a 299-px activation of 8 images stays in cache;
+        # benchmarks/README.md); results do not depend on the split
+        chunk = CPU_CHUNK if x.device.type == "cpu" else len(x)
+        return torch.cat([self.net(part)[0].flatten(1) for part in x.split(chunk)])
 
 
 @dataclass
@@ -85,7 +102,7 @@ class FeatureStats:
     n: int = 0
 
     @classmethod
-    def of(cls, features: np.ndarray) -> "FeatureStats":
+    def of(cls, features: np.ndarray) -> FeatureStats:
         f = np.asarray(features, dtype=np.float64)
         if len(f) < 2:
             raise ValueError(f"statistics need at least 2 images, got {len(f)}")

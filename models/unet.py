@@ -55,7 +55,7 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(min(32, ch // 4) if ch % 32 else 32, ch)
+    return nn.GroupNorm(math.gcd(32, ch), ch)  # 32 groups, or the most that divide ch (any base_channels works)
 
 
 def _zero(m: nn.Module) -> nn.Module:

@@ -94,6 +94,42 @@ def test_fid_equals_pytorch_fid_and_npz_interchange(folders, inception_weights, 
     assert abs(same) < 1e-6 * ours
 
 
+def test_features_equal_pytorch_fids_network_with_batch_norms_folded(tmp_path):
+    """Our extractor folds the BatchNorms into the convolutions and runs channels_last: the features must still equal
+    pytorch-fid's own InceptionV3 on the same file — here with non-trivial BatchNorm statistics, which the random
+    weights of the other tests leave at their defaults."""
+    import torchvision
+    from pytorch_fid import inception
+
+    from metrics.fid import InceptionFeatures
+
+    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
+        net = inception.fid_inception_v3()
+    gen = torch.manual_seed(1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, generator=gen)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.1, generator=gen)
+    path = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), path)
+    ours = InceptionFeatures(str(path))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
+    with mock.patch.object(inception, "load_state_dict_from_url",
+                           lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)):
+        ref_net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    images = torch.rand(3, 3, 40, 40, generator=gen)
+    with torch.no_grad():
+        ref = ref_net(images)[0].flatten(1)
+    got = ours(images)
+    assert ref.std() > 1e-3  # the features are spread, so the comparison means something
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
 def test_fid_same_with_two_processes(folders, inception_weights):
     a, b = folders
     one = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--json"])["fid"]

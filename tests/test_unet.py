@@ -222,3 +222,10 @@ def test_cpu_half_precision_attention_runs_in_fp32():
     assert out.dtype == torch.bfloat16
     ref = naive_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double())
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # only the final rounding to bf16
+
+
+@pytest.mark.parametrize("base", [40, 72])
+def test_any_base_width_builds_and_runs(base):
+    """GroupNorm takes the most groups (≤ 32) that divide each width, so widths like 72 (144, 216, …) work."""
+    m = build_model("tiny", base_channels=base, head_channels=base, context_dim=64, pooled_dim=64)
+    assert m(torch.randn(1, 3, 16, 16), torch.tensor([5]), _cond(b=1)).shape == (1, 3, 16, 16)
