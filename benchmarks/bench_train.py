@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py [--steps 40] [--batch 16]
 
 Runs pipeline/train.py in a child process for `tiny` and a reduced `small` (base_channels 64), with the live text
-encoder and with precomputed caption embeddings, and reports steady-state images/s and the data-wait fraction
+encoder, with precomputed caption embeddings, and with bf16 autocast (`optim.mixed_precision=bf16`), and reports steady-state images/s and the data-wait fraction
 (from the job's own metrics, last logging window), peak resident memory (the child and its data workers, polled),
 and the model's training FLOPs per image (forward + backward, torch's FLOP counter).
 """
@@ -80,8 +80,9 @@ def main():
         print("|---|---:|---:|---|---:|---:|---:|")
         for name, size_args in MODELS.items():
             flops, params = train_flops(size_args, args.resolution)
-            for label, extra in (("live encoder", []), ("precomputed", [f"text_encoder.cache={cache}"])):
-                out = tmp / f"run_{name.replace('/', '_')}_{label[:4]}"
+            for i, (label, extra) in enumerate((("live encoder", []), ("precomputed", [f"text_encoder.cache={cache}"]),
+                                                ("live, bf16 autocast", ["optim.mixed_precision=bf16"]))):
+                out = tmp / f"run_{name.replace('/', '_')}_{i}"
                 size = ["model.size=small", *size_args] if size_args else []
                 peak = run([*common, "--output-dir", str(out), *size, *extra])
                 last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])

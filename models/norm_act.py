@@ -20,14 +20,15 @@ from torch.autograd.function import once_differentiable
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float):
+    def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, upcast: bool):
         b, c = x.shape[:2]
         hw = x[0, 0].numel()
-        n = torch.native_group_norm(x, weight, bias, b, c, hw, groups, eps)[0]
+        xc = x.to(weight.dtype) if upcast else x
+        n = torch.native_group_norm(xc, weight, bias, b, c, hw, groups, eps)[0]
         a = n if scale is None else torch.addcmul(shift, n, 1 + scale)
-        ctx.save_for_backward(x, weight, bias, scale, shift)
-        ctx.groups, ctx.hw, ctx.eps = groups, hw, eps
-        return F.silu(a)
+        ctx.save_for_backward(x, weight, bias, scale, shift)  # x in its own (low) precision
+        ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, hw, eps, upcast
+        return F.silu(a).to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -35,9 +36,10 @@ class _GroupNormSiLU(torch.autograd.Function):
         x, weight, bias, scale, shift = ctx.saved_tensors
         b, c = x.shape[:2]
         # the forward again (same kernel, same values), which also gives the per-group statistics (B, G)
-        n, mean, rstd = torch.native_group_norm(x, weight, bias, b, c, ctx.hw, ctx.groups, ctx.eps)
+        xc = x.to(weight.dtype) if ctx.upcast else x
+        n, mean, rstd = torch.native_group_norm(xc, weight, bias, b, c, ctx.hw, ctx.groups, ctx.eps)
         a = n if scale is None else torch.addcmul(shift, n, 1 + scale)
-        ga = torch.ops.aten.silu_backward(grad, a)  # dL/da
+        ga = torch.ops.aten.silu_backward(grad.to(a.dtype), a)  # dL/da
         d_scale = d_shift = None
         if scale is not None:
             d_scale = (ga * n).sum((2, 3), keepdim=True) if ctx.needs_input_grad[3] else None
@@ -45,8 +47,8 @@ class _GroupNormSiLU(torch.autograd.Function):
             ga = ga * (1 + scale)  # dL/dn
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                 bias is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(ga, x, mean, rstd, weight, b, c, ctx.hw, ctx.groups, mask)
-        return dx, dw, db, d_scale, d_shift, None, None
+        dx, dw, db = torch.ops.aten.native_group_norm_backward(ga, xc, mean, rstd, weight, b, c, ctx.hw, ctx.groups, mask)
+        return None if dx is None else dx.to(x.dtype), dw, db, d_scale, d_shift, None, None, None
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | None = None,
@@ -54,6 +56,14 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | N
     """``silu(norm(x)·(1 + scale) + shift)`` (or ``silu(norm(x))``), saving only ``x`` for the backward pass."""
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift go together")
-    if scale is not None:  # computed in x's dtype (under autocast the embedding's Linear may differ)
-        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
-    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps)
+    # Under autocast x is bf16/fp16 and the affine parameters fp32. CPU kernels take that mix and accumulate in fp32;
+    # elsewhere x is upcast inside the node (as autocast runs group_norm in fp32) and only x is kept, in low precision.
+    upcast = x.dtype != norm.weight.dtype and x.device.type != "cpu"
+    return _apply(x, norm, scale, shift, upcast)
+
+
+def _apply(x, norm, scale, shift, upcast: bool):
+    compute = norm.weight.dtype if upcast else x.dtype
+    if scale is not None:  # the embedding's Linear may run in another dtype under autocast
+        scale, shift = scale.to(compute), shift.to(compute)
+    return _GroupNormSiLU.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, upcast)

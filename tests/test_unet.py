@@ -229,3 +229,25 @@ def test_any_base_width_builds_and_runs(base):
     """GroupNorm takes the most groups (≤ 32) that divide each width, so widths like 72 (144, 216, …) work."""
     m = build_model("tiny", base_channels=base, head_channels=base, context_dim=64, pooled_dim=64)
     assert m(torch.randn(1, 3, 16, 16), torch.tensor([5]), _cond(b=1)).shape == (1, 3, 16, 16)
+
+
+def test_group_norm_silu_upcast_path_matches_the_mixed_precision_kernel():
+    """Off a CPU, low-precision inputs are upcast inside the node; on a CPU the mixed bf16/fp32 kernel is used.
+    Both paths (run here on a CPU) give the same values and gradients to bf16 precision."""
+    from models.norm_act import _apply
+
+    g = torch.Generator().manual_seed(0)
+    norm = nn.GroupNorm(4, 16)
+    x0 = torch.randn(2, 16, 6, 6, generator=g).bfloat16()
+    ss0 = [torch.randn(2, 16, 1, 1, generator=g) for _ in range(2)]
+    results = []
+    for upcast in (False, True):
+        x = x0.clone().requires_grad_()
+        ss = [s.clone().requires_grad_() for s in ss0]
+        norm.zero_grad()
+        out = _apply(x, norm, *ss, upcast=upcast)
+        assert out.dtype == torch.bfloat16
+        out.float().pow(2).sum().backward()
+        results.append([out.float(), x.grad.float(), norm.weight.grad, *(s.grad for s in ss)])
+    for a, b in zip(*results):  # bf16 rounding differs element-wise; compare as tensors
+        assert ((a - b).norm() / b.norm()).item() < 1e-2
