@@ -176,6 +176,8 @@ def _check(value, tp, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads unquoted yes/no/on/off as booleans
+            raise ConfigError(f"{key}: expected a string, got {value!r}; quote the value ({key.split('.')[-1]}: \"no\")")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -223,7 +225,10 @@ def apply_override(raw: dict, item: str):
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(parsed, bool) and value.strip().lower() not in ("true", "false"):
+        parsed = value.strip()  # `optim.mixed_precision=no` means the string, not YAML 1.1's false
+    node[parts[-1]] = parsed
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -242,8 +242,9 @@ def main(argv=None):
             cond = cond_to(encoder.encode(captions), device)
             x0 = batch.pixels(device)
             noise_gen = torch.Generator(device).manual_seed(hash_seed(cfg.train.seed, rank, step, micro, 1))
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss = diffusion.training_losses(model, x0, cond, generator=noise_gen)["loss"].mean()
+            with accelerator.accumulate(model):
+                with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
+                    loss = diffusion.training_losses(model, x0, cond, generator=noise_gen)["loss"].mean()
                 # The one host sync per micro-step: every rank must agree to skip, or DDP's all-reduce hangs.
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
                 if finite:  # every rank agrees, so DDP's all-reduce stays matched

@@ -66,6 +66,11 @@ def test_config_loads_overrides_and_refuses_unknown_keys_and_bad_types(tmp_path)
     bad.write_text("data:\n  resolution: [32]\n")
     with pytest.raises(ConfigError, match="data.resolution"):
         load_config(bad)
+    # the documented value `no` is a string on the command line, not YAML 1.1's false; in a file, quoting is asked for
+    assert load_config(DEMO, ["optim.mixed_precision=no"]).optim.mixed_precision == "no"
+    bad.write_text("optim:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match="optim.mixed_precision: expected a string, got False; quote"):
+        load_config(bad)
 
 
 def test_lr_schedule_and_caption_dropout_rate():
