@@ -22,23 +22,31 @@ from pipeline import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
+def random_inception(path: Path, seed: int = 0, batch_norms: bool = False) -> Path:
     """pytorch-fid's FID Inception architecture with random Kaiming-normal convs (random default init makes every
-    feature collapse to a constant), saved as a local file."""
+    feature collapse to a constant) and, with ``batch_norms``, random BatchNorm statistics; saved as a local file."""
     import torchvision
     from pytorch_fid import inception
 
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
         net = inception.fid_inception_v3()
-    gen = torch.manual_seed(0)
+    gen = torch.manual_seed(seed)
     for m in net.modules():
         if isinstance(m, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(m.weight, generator=gen)
-    path = tmp_path_factory.mktemp("weights") / "random_inception.pth"
+        if batch_norms and isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3, generator=gen)
+            m.running_var.uniform_(0.5, 2.0, generator=gen)
+            m.weight.data.uniform_(0.5, 1.5, generator=gen)
+            m.bias.data.normal_(0, 0.1, generator=gen)
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return random_inception(tmp_path_factory.mktemp("weights") / "random_inception.pth")
 
 
 def _images(folder: Path, n: int, seed: int, size=32, shift=0.0):
@@ -98,31 +106,17 @@ def test_features_equal_pytorch_fids_network_with_batch_norms_folded(tmp_path):
     """Our extractor folds the BatchNorms into the convolutions and runs channels_last: the features must still equal
     pytorch-fid's own InceptionV3 on the same file — here with non-trivial BatchNorm statistics, which the random
     weights of the other tests leave at their defaults."""
-    import torchvision
     from pytorch_fid import inception
 
     from metrics.fid import InceptionFeatures
 
-    with mock.patch.object(inception, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: None):
-        net = inception.fid_inception_v3()
-    gen = torch.manual_seed(1)
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, generator=gen)
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.3, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.normal_(0, 0.1, generator=gen)
-    path = tmp_path / "inception.pth"
-    torch.save(net.state_dict(), path)
+    path = random_inception(tmp_path / "inception.pth", seed=1, batch_norms=True)
     ours = InceptionFeatures(str(path))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
     with mock.patch.object(inception, "load_state_dict_from_url",
                            lambda *a, **k: torch.load(path, map_location="cpu", weights_only=True)):
         ref_net = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-    images = torch.rand(3, 3, 40, 40, generator=gen)
+    images = torch.rand(3, 3, 40, 40, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = ref_net(images)[0].flatten(1)
     got = ours(images)
