@@ -24,8 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + FID_WEIGHTS_NAME
-CPU_CHUNK = 8  # images per Inception forward on a CPU
 FID_SHA256_PREFIX = "6726825d"  # torch-hub convention: the file name carries the first 8 hex digits of its SHA-256
+CPU_CHUNK = 8  # images per Inception forward on a CPU
 
 
 def find_inception_weights(path: str | None = None) -> Path:

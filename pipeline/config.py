@@ -177,7 +177,7 @@ def _check(value, tp, key: str):
         return float(value)
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads unquoted yes/no/on/off as booleans
-            raise ConfigError(f"{key}: expected a string, got {value!r}; quote the value ({key.split('.')[-1]}: \"no\")")
+            raise ConfigError(f"{key}: expected a string, got {value!r}; quote the value, e.g. {key.split('.')[-1]}: \"no\"")
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value

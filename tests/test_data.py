@@ -166,6 +166,7 @@ def test_batches_shape_dtype_range(toy_shards):
     assert batch.images.shape == (5, 3, 12, 12) and batch.images.dtype == torch.uint8
     x = batch.pixels()
     assert x.shape == (5, 3, 12, 12) and x.dtype == torch.float32
+    assert x.is_contiguous()  # not the workers' channels-last view: the model picks its own layout
     assert x.min() >= -1 and x.max() <= 1 and x.min() < 0 < x.max()
     assert torch.allclose((x + 1) * 127.5, batch.images.float(), atol=1e-4)
     assert all(isinstance(c, str) and c for c in batch.captions) and len(batch.keys) == 5
