@@ -4,8 +4,16 @@ In autograd's default graph, ``silu(GN(x)·(1 + scale) + shift)`` keeps three fu
 backward pass: the GroupNorm output (for the scale gradient), the scale-shift output (SiLU's input) and, outside
 this op, the SiLU output (the next convolution's input). ``x`` is kept anyway (it is the previous convolution's
 output, or a block input held for the skip connection). This node saves only ``x`` and recomputes the normalisation
-and the scale-shift in the backward pass — a few cheap elementwise passes — which removes two of those
-tensors per U-Net block: about a third of a ResBlock's activation memory at a few percent of step time.
+and the scale-shift in the backward pass, which removes two of those tensors per U-Net block: about a third of a
+ResBlock's activation memory.
+
+The recomputation is nearly free because the scale-shift is folded into GroupNorm's own affine: per sample b,
+``GN(x)·γ·(1 + s_b) + β·(1 + s_b) + shift_b`` is a GroupNorm with the affine (γ', β')_b = (γ·(1 + s_b),
+β·(1 + s_b) + shift_b). For NCHW tensors, a batch of B samples with G groups is viewed as one sample of B·C
+channels in B·G groups (each group still holds only one sample's channels), so PyTorch's fused GroupNorm kernels
+apply a per-sample affine: the forward is one GroupNorm and one in-place SiLU, the backward one GroupNorm, the
+SiLU derivative and one GroupNorm backward (~1.7–2.6× faster than the unfused node, benchmarks/README.md).
+channels_last tensors cannot be viewed so; there the scale-shift is a separate (cheap in that layout) pass.
 
 Shapes: x (B, C, H, W) in any memory format; scale, shift (B, C, 1, 1) or None.
 """
@@ -18,37 +26,71 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
+def _per_sample_affine(weight, bias, scale, shift, b: int):
+    """(γ', β'), each (B, C): GroupNorm's affine with the scale-shift folded in."""
+    if scale is None:
+        return weight.expand(b, -1), bias.expand(b, -1)
+    s1 = 1 + scale.view(b, -1)
+    return weight * s1, torch.addcmul(shift.view(b, -1), bias, s1)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
+    def _pre_activation(ctx, xc, gamma, beta):
+        """a = GN(x)·γ' + β' → (a, mean, rstd, n): n is the plain normalised x on the channels_last path, else None."""
+        b, c = xc.shape[:2]
+        if ctx.channels_last:
+            n, mean, rstd = torch.native_group_norm(xc, None, None, b, c, ctx.hw, ctx.groups, ctx.eps)
+            return torch.addcmul(beta[:, :, None, None], n, gamma[:, :, None, None]), mean, rstd, n
+        # NCHW: the batch folded into the channels, B·G groups: the per-sample affine runs inside the kernel
+        a, mean, rstd = torch.native_group_norm(xc.view(1, b * c, ctx.hw), gamma.reshape(-1), beta.reshape(-1),
+                                                1, b * c, ctx.hw, b * ctx.groups, ctx.eps)
+        return a.view(xc.shape), mean, rstd, None
+
+    @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, upcast: bool):
-        b, c = x.shape[:2]
-        hw = x[0, 0].numel()
-        xc = x.to(weight.dtype) if upcast else x
-        n = torch.native_group_norm(xc, weight, bias, b, c, hw, groups, eps)[0]
-        a = n if scale is None else torch.addcmul(shift, n, 1 + scale)
+        ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, x[0, 0].numel(), eps, upcast
+        ctx.channels_last = _is_channels_last(x)
+        x = x if ctx.channels_last else x.contiguous()
+        gamma, beta = _per_sample_affine(weight, bias, scale, shift, x.shape[0])
+        a = _GroupNormSiLU._pre_activation(ctx, x.to(weight.dtype) if upcast else x, gamma, beta)[0]
         ctx.save_for_backward(x, weight, bias, scale, shift)  # x in its own (low) precision
-        ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, hw, eps, upcast
-        return F.silu(a).to(x.dtype)
+        return F.silu(a, inplace=True).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, weight, bias, scale, shift = ctx.saved_tensors
         b, c = x.shape[:2]
-        # the forward again (same kernel, same values), which also gives the per-group statistics (B, G)
+        gamma, beta = _per_sample_affine(weight, bias, scale, shift, b)
         xc = x.to(weight.dtype) if ctx.upcast else x
-        n, mean, rstd = torch.native_group_norm(xc, weight, bias, b, c, ctx.hw, ctx.groups, ctx.eps)
-        a = n if scale is None else torch.addcmul(shift, n, 1 + scale)
-        ga = torch.ops.aten.silu_backward(grad.to(a.dtype), a)  # dL/da
-        d_scale = d_shift = None
-        if scale is not None:
-            d_scale = (ga * n).sum((2, 3), keepdim=True) if ctx.needs_input_grad[3] else None
-            d_shift = ga.sum((2, 3), keepdim=True) if ctx.needs_input_grad[4] else None
-            ga = ga * (1 + scale)  # dL/dn
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
-        dx, dw, db = torch.ops.aten.native_group_norm_backward(ga, xc, mean, rstd, weight, b, c, ctx.hw, ctx.groups, mask)
-        return None if dx is None else dx.to(x.dtype), dw, db, d_scale, d_shift, None, None, None
+        a, mean, rstd, n = _GroupNormSiLU._pre_activation(ctx, xc, gamma, beta)  # the forward again
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        ga = torch.ops.aten.silu_backward(grad.to(a.dtype).contiguous(memory_format=fmt), a)  # dL/da
+        want_dx = ctx.needs_input_grad[0]
+        if ctx.channels_last:
+            d_gamma, d_beta = (ga * n).sum((2, 3)), ga.sum((2, 3))  # (B, C) each
+            dn = (ga * gamma[:, :, None, None]).to(xc.dtype)  # dL/dn (the kernel wants x's dtype)
+            dx = torch.ops.aten.native_group_norm_backward(dn, xc, mean, rstd, None, b, c, ctx.hw, ctx.groups,
+                                                           [want_dx, False, False])[0]
+        else:
+            dx, d_gamma, d_beta = torch.ops.aten.native_group_norm_backward(
+                ga.view(1, b * c, ctx.hw), xc.view(1, b * c, ctx.hw), mean, rstd, gamma.reshape(-1), 1, b * c, ctx.hw,
+                b * ctx.groups, [want_dx, True, True])
+            d_gamma, d_beta = d_gamma.view(b, c), d_beta.view(b, c)
+        # back through the fold: γ' = γ·(1 + s), β' = β·(1 + s) + shift
+        if scale is None:
+            d_weight, d_bias, d_scale, d_shift = d_gamma.sum(0), d_beta.sum(0), None, None
+        else:
+            s1 = 1 + scale.view(b, c)
+            d_weight, d_bias = (d_gamma * s1).sum(0), (d_beta * s1).sum(0)
+            d_scale, d_shift = (d_gamma * weight + d_beta * bias).view(scale.shape), d_beta.view(shift.shape)
+        dx = None if dx is None else dx.view(x.shape).to(x.dtype)
+        return dx, d_weight, d_bias, d_scale, d_shift, None, None, None
 
 
 def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | None = None,
@@ -56,6 +98,8 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | N
     """``silu(norm(x)·(1 + scale) + shift)`` (or ``silu(norm(x))``), saving only ``x`` for the backward pass."""
     if (scale is None) != (shift is None):
         raise ValueError("scale and shift go together")
+    if not norm.affine:
+        raise ValueError("group_norm_silu needs a GroupNorm with affine=True (its γ and β take the scale-shift)")
     # Under autocast x is bf16/fp16 and the affine parameters fp32. CPU kernels take that mix and accumulate in fp32;
     # elsewhere x is upcast inside the node (as autocast runs group_norm in fp32) and only x is kept, in low precision.
     upcast = x.dtype != norm.weight.dtype and x.device.type != "cpu"

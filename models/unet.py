@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
+from .layers import PointwiseConv, UpsampleConv
 from .norm_act import group_norm_silu
 
 
@@ -76,7 +77,7 @@ class ResBlock(nn.Module):
         self.norm2 = _norm(cout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p = 0 would still store a mask
         self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.skip = nn.Identity() if cin == cout else PointwiseConv(cin, cout)
 
     def forward(self, x, emb, ctx=None, mask=None):
         h = self.conv1(group_norm_silu(x, self.norm1))
@@ -138,10 +139,10 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = UpsampleConv(ch, ch)  # nearest 2× upsampling, then a 3×3 convolution (as one transposed conv)
 
     def forward(self, x, emb=None, ctx=None, mask=None):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(x)
 
 
 class Stage(nn.ModuleList):

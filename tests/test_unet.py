@@ -231,23 +231,31 @@ def test_any_base_width_builds_and_runs(base):
     assert m(torch.randn(1, 3, 16, 16), torch.tensor([5]), _cond(b=1)).shape == (1, 3, 16, 16)
 
 
-def test_group_norm_silu_upcast_path_matches_the_mixed_precision_kernel():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_upcast_path_matches_the_mixed_precision_kernel(channels_last):
     """Off a CPU, low-precision inputs are upcast inside the node; on a CPU the mixed bf16/fp32 kernel is used.
-    Both paths (run here on a CPU) give the same values and gradients to bf16 precision."""
+    Both paths (run here on a CPU, in both layouts) follow the fp32 composition to bf16 precision."""
     from models.norm_act import _apply
 
     g = torch.Generator().manual_seed(0)
     norm = nn.GroupNorm(4, 16)
-    x0 = torch.randn(2, 16, 6, 6, generator=g).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(generator=g), norm.bias.normal_(generator=g)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x0 = torch.randn(2, 16, 6, 6, generator=g).bfloat16().contiguous(memory_format=fmt)
     ss0 = [torch.randn(2, 16, 1, 1, generator=g) for _ in range(2)]
     results = []
-    for upcast in (False, True):
+    for path in (False, True, "fp32 autograd"):
         x = x0.clone().requires_grad_()
         ss = [s.clone().requires_grad_() for s in ss0]
         norm.zero_grad()
-        out = _apply(x, norm, *ss, upcast=upcast)
-        assert out.dtype == torch.bfloat16
+        if path == "fp32 autograd":
+            out = torch.nn.functional.silu(torch.addcmul(ss[1], norm(x.float()), 1 + ss[0]))
+        else:
+            out = _apply(x, norm, *ss, upcast=path)
+            assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=fmt)
         out.float().pow(2).sum().backward()
-        results.append([out.float(), x.grad.float(), norm.weight.grad, *(s.grad for s in ss)])
-    for a, b in zip(*results):  # bf16 rounding differs element-wise; compare as tensors
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
+        results.append([out.float(), x.grad.float(), norm.weight.grad, norm.bias.grad, *(s.grad for s in ss)])
+    for got in results[:2]:
+        for a, b in zip(got, results[2]):  # bf16 rounding differs element-wise; compare as tensors
+            assert ((a - b).norm() / b.norm()).item() < 1e-2
