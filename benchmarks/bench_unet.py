@@ -28,6 +28,11 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import build_model
 
 
+# UNet2DConditionModel's `attention_head_dim` is the number of heads, not their width (diffusers issue #2011; passing
+# `num_attention_heads` is refused). Per level, as many heads as give our head width: 32 channels for tiny, 64 for small.
+HEADS = {"tiny": (1, 2, 2), "small": (1, 2, 3, 4)}
+
+
 def diffusers_model(kind: str):
     from diffusers import UNet2DConditionModel
 
@@ -36,13 +41,13 @@ def diffusers_model(kind: str):
             sample_size=32, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
             down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), cross_attention_dim=512,
-            attention_head_dim=32, norm_num_groups=16)
+            attention_head_dim=HEADS["tiny"], norm_num_groups=16)
     # reduced small: 64/128/192/256 channels, 2 blocks per level, attention at levels 1-3
     return UNet2DConditionModel(
         sample_size=32, in_channels=3, out_channels=3, block_out_channels=(64, 128, 192, 256), layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=512, attention_head_dim=64)
+        cross_attention_dim=512, attention_head_dim=HEADS["small"])
 
 
 def ours_model(kind: str):
