@@ -11,6 +11,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -68,9 +69,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return out.transpose(1, 2)
     attn_mask = None if mask is None else mask[:, None, None, :]
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU flash kernel is ~3x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
-        # attend in fp32 (outside autocast, which would cast back to bf16)
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask)
-        return out.to(q.dtype)
+        # PyTorch's CPU flash kernel is 3-6x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
+        # attend in fp32, keeping only low-precision tensors for the backward pass.
+        bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
+        return _CPUAttentionInFP32.apply(q, k, v, None if bias is None else bias[:, None, None, :])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+class _CPUAttentionInFP32(torch.autograd.Function):
+    """Low-precision q, k, v (B, H, L, d) attended in fp32 by PyTorch's CPU flash kernels (forward and backward),
+    outside autocast. Saves q, k, v and the output in their own precision plus the fp32 log-sum-exp (B, H, Lq):
+    autograd around an upcast would keep fp32 copies, twice the memory. The backward reads the output rounded to
+    bf16/fp16, as GPU flash-attention kernels do. ``bias``: (B, 1, 1, Lk) additive fp32 mask, or None."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias):
+        with torch.autocast("cpu", enabled=False):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float(), attn_mask=bias)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -214,14 +214,28 @@ def test_bf16_autocast_training_step_is_close_to_fp32():
     assert rel(grads[1], grads[0]) < 0.05
 
 
-def test_cpu_half_precision_attention_runs_in_fp32():
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_half_precision_attention_runs_in_fp32(masked):
+    """On a CPU, bf16 attention is computed in fp32 (forward and backward) but keeps only bf16 tensors (and the
+    small fp32 log-sum-exp) for the backward pass; values and gradients follow a float64 reference."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 20, 16, generator=g) for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="sdpa")
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    mask = torch.arange(20)[None].expand(2, -1) < torch.tensor([[7], [20]]) if masked else None
+    full = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: full.append(t.dtype) or t if t.numel() >= q.numel()
+                                                  else t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(q, k, v, mask=mask, backend="sdpa")
     assert out.dtype == torch.bfloat16
-    ref = naive_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double())
+    assert full and all(d == torch.bfloat16 for d in full)  # no fp32 copies kept
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*leaves, mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # only the final rounding to bf16
+    gy = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, (q, k, v), gy.bfloat16())
+    want = torch.autograd.grad(ref, leaves, gy.double())
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("base", [40, 72])
