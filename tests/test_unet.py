@@ -221,11 +221,15 @@ def test_cpu_half_precision_attention_runs_in_fp32(masked):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 20, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
     mask = torch.arange(20)[None].expand(2, -1) < torch.tensor([[7], [20]]) if masked else None
-    full = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: full.append(t.dtype) or t if t.numel() >= q.numel()
-                                                  else t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = attention(q, k, v, mask=mask, backend="sdpa")
+    full = []  # dtypes of the saved tensors as large as q
+
+    def pack(t):
+        if t.numel() >= q.numel():
+            full.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, mask=mask, backend="sdpa")
     assert out.dtype == torch.bfloat16
     assert full and all(d == torch.bfloat16 for d in full)  # no fp32 copies kept
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -273,3 +277,8 @@ def test_group_norm_silu_upcast_path_matches_the_mixed_precision_kernel(channels
     for got in results[:2]:
         for a, b in zip(got, results[2]):  # bf16 rounding differs element-wise; compare as tensors
             assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+def test_group_norm_silu_refuses_a_norm_without_affine():
+    with pytest.raises(ValueError, match="affine=True"):
+        group_norm_silu(torch.randn(1, 4, 2, 2), nn.GroupNorm(2, 4, affine=False))
