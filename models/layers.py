@@ -2,7 +2,7 @@
 names, shapes and initialisation), so checkpoints and parameter counts do not depend on how they are computed.
 
 - ``PointwiseConv``: a 1×1 convolution is a matrix multiply over channels. oneDNN's 1×1 convolution on NCHW
-  tensors is ~1.5–2× slower than the same GEMM (fwd + bwd, benchmarks/README.md), so it runs as one.
+  tensors is ~1.4–2× slower than the same GEMM (fwd + bwd, benchmarks/README.md), so it runs as one.
 - ``UpsampleConv``: nearest-neighbour 2× upsampling followed by a 3×3 convolution (the U-Net upsampler of
   DDPM / improved-diffusion / diffusers) equals one stride-2 transposed 4×4 convolution of the low-resolution
   input, whose kernel is a fixed sum of the 3×3 taps. It does 16 instead of 36 multiply-adds per input pixel
