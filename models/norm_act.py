@@ -7,12 +7,13 @@ output, or a block input held for the skip connection). This node saves only ``x
 and the scale-shift in the backward pass, which removes two of those tensors per U-Net block: about a third of a
 ResBlock's activation memory.
 
-The recomputation is nearly free because the scale-shift is folded into GroupNorm's own affine: per sample b,
+The recomputation is cheap because the scale-shift is folded into GroupNorm's own affine: per sample b,
 ``GN(x)·γ·(1 + s_b) + β·(1 + s_b) + shift_b`` is a GroupNorm with the affine (γ', β')_b = (γ·(1 + s_b),
 β·(1 + s_b) + shift_b). For NCHW tensors, a batch of B samples with G groups is viewed as one sample of B·C
 channels in B·G groups (each group still holds only one sample's channels), so PyTorch's fused GroupNorm kernels
 apply a per-sample affine: the forward is one GroupNorm and one in-place SiLU, the backward one GroupNorm, the
-SiLU derivative and one GroupNorm backward (1.4–2.6× faster than the previous node alone; ~3% of a U-Net step, benchmarks/README.md).
+SiLU derivative and one GroupNorm backward (1.4–2.6× faster than the previous node alone; ~3% of a U-Net step,
+benchmarks/README.md).
 channels_last tensors cannot be viewed so; there the scale-shift is a separate (cheap in that layout) pass.
 
 Shapes: x (B, C, H, W) in any memory format; scale, shift (B, C, 1, 1) or None.
