@@ -67,13 +67,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             bias = bias.masked_fill(~mask[:, None, None, :], float("-inf"))
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
-    attn_mask = None if mask is None else mask[:, None, None, :]
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         # PyTorch's CPU flash kernel is 3-6x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
         # attend in fp32, keeping only low-precision tensors for the backward pass.
         bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
         return _CPUAttentionInFP32.apply(q, k, v, None if bias is None else bias[:, None, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
 
 
 class _CPUAttentionInFP32(torch.autograd.Function):

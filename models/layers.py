@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """True when x (B, C, H, W) is laid out channels_last (and not also plain contiguous, as with H = W = 1)."""
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -29,7 +30,7 @@ class PointwiseConv(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         weight = self.weight.flatten(1)  # (Cout, Cin)
-        if _channels_last(x):  # (B, H, W, Cin) in memory: one Linear over the last dimension
+        if is_channels_last(x):  # (B, H, W, Cin) in memory: one Linear over the last dimension
             return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
         out = torch.baddbmm(self.bias[:, None].expand(b, -1, h * w), weight.expand(b, -1, -1), x.reshape(b, c, h * w))
         return out.view(b, -1, h, w)  # (B, Cout, H·W) → (B, Cout, H, W)

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .layers import is_channels_last
+
 
 def _per_sample_affine(weight, bias, scale, shift, b: int):
     """(γ', β'), each (B, C): GroupNorm's affine with the scale-shift folded in."""
@@ -33,10 +35,6 @@ def _per_sample_affine(weight, bias, scale, shift, b: int):
         return weight.expand(b, -1), bias.expand(b, -1)
     s1 = 1 + scale.view(b, -1)
     return weight * s1, torch.addcmul(shift.view(b, -1), bias, s1)
-
-
-def _is_channels_last(x: torch.Tensor) -> bool:
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 class _GroupNormSiLU(torch.autograd.Function):
@@ -55,7 +53,7 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, upcast: bool):
         ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, x[0, 0].numel(), eps, upcast
-        ctx.channels_last = _is_channels_last(x)
+        ctx.channels_last = is_channels_last(x)
         x = x if ctx.channels_last else x.contiguous()
         gamma, beta = _per_sample_affine(weight, bias, scale, shift, x.shape[0])
         a = _GroupNormSiLU._pre_activation(ctx, x.to(weight.dtype) if upcast else x, gamma, beta)[0]

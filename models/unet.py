@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention
-from .layers import PointwiseConv, UpsampleConv
+from .layers import PointwiseConv, UpsampleConv, is_channels_last
 from .norm_act import group_norm_silu
 
 
@@ -86,11 +86,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format
-
-
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, H·W, C), a view (contiguous when x is channels_last)."""
     return x.flatten(2).transpose(1, 2)
@@ -116,7 +111,8 @@ class AttentionBlock(nn.Module):
     def _attend(self, q, k, v, mask, proj, like):  # → proj(attention) as an image shaped like `like`
         out = attention(self._split(q), self._split(k), self._split(v), mask=mask, backend=self.backend)
         out = proj(out.transpose(1, 2).flatten(2)).transpose(1, 2).reshape(like.shape)  # (B, C, H, W), channels_last
-        return out.contiguous(memory_format=_memory_format(like))  # keep the network in one layout (no copies later)
+        fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
+        return out.contiguous(memory_format=fmt)  # keep the network in one layout (no copies later)
 
     def forward(self, x, emb=None, ctx=None, mask=None):
         q, k, v = self.qkv(_tokens(self.norm1(x))).chunk(3, dim=-1)  # (B, H·W, C) each
