@@ -55,7 +55,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     """Attention of q (B, H, Lq, d) over k, v (B, H, Lk, d); ``mask`` (B, Lk) bool marks the keys to keep
     (text padding is False). Returns (B, H, Lq, d)."""
     backend = select_backend(backend, q.device)
-    _log_once(backend)
+    if not torch.compiler.is_compiling():  # logging inside a compiled graph would split it at every call
+        _log_once(backend)
     if backend == "math":
         return naive_attention(q, k, v, mask)
     if backend == "xformers":

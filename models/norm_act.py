@@ -101,6 +101,9 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | N
         raise ValueError("group_norm_silu needs a GroupNorm with affine=True (its γ and β take the scale-shift)")
     # Under autocast x is bf16/fp16 and the affine parameters fp32. CPU kernels take that mix and accumulate in fp32;
     # elsewhere x is upcast inside the node (as autocast runs group_norm in fp32) and only x is kept, in low precision.
+    if torch.compiler.is_compiling():  # plain ops: the compiler fuses them and chooses what to recompute itself
+        h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return F.silu(h if scale is None else torch.addcmul(shift, h, 1 + scale))
     upcast = x.dtype != norm.weight.dtype and x.device.type != "cpu"
     return _apply(x, norm, scale, shift, upcast)
 

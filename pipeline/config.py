@@ -69,6 +69,9 @@ class TrainSection:
     caption_dropout: float = 0.1  # probability of the empty caption (classifier-free guidance's unconditional branch)
     max_nan_in_row: int = 10  # non-finite losses in a row that stop the run (each one skips its step)
     output_dir: str = "runs/run"
+    # torch.compile the U-Net's training forward/backward (inductor). Compiled in place, so checkpoints keep their
+    # keys. The first step compiles (a minute or more on a CPU); not with DeepSpeed (refused at start).
+    compile: bool = False
 
 
 @dataclass

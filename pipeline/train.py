@@ -188,9 +188,15 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     model = UNet(unet_cfg)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    ema = build_ema(model, cfg.ema)
+    ema = build_ema(model, cfg.ema)  # before compiling: the EMA copy samples eagerly
     if ema is not None:
         ema.to(device)
+    if cfg.train.compile:
+        if accelerator.state.deepspeed_plugin is not None:
+            raise SystemExit("error: train.compile=true is not supported under DeepSpeed here (its engine wraps the "
+                             "module's hooks); set train.compile=false, or use DDP (launch/accelerate/8gpu_ddp.yaml)")
+        log.info("train.compile: the U-Net runs through torch.compile; the first step compiles it (minutes on a CPU)")
+        model.compile()  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
     o = cfg.optim
     # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,

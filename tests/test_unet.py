@@ -282,3 +282,27 @@ def test_group_norm_silu_upcast_path_matches_the_mixed_precision_kernel(channels
 def test_group_norm_silu_refuses_a_norm_without_affine():
     with pytest.raises(ValueError, match="affine=True"):
         group_norm_silu(torch.randn(1, 4, 2, 2), nn.GroupNorm(2, 4, affine=False))
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiles_as_one_graph_with_the_same_output_and_gradients(bf16, monkeypatch):
+    """torch.compile (train.compile): no graph breaks (fullgraph), and the traced model — plain GroupNorm ops in place
+    of the fused node, the CPU attention node under bf16 — gives eager's output and gradients. ``aot_eager`` traces
+    forward and backward as inductor does, without generating code (inductor itself runs in tests/test_train.py)."""
+    torch._dynamo.reset()
+    m = _randomize(_tiny())
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+    x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _cond()
+    outs, grads = [], []
+    for model in (m, compiled):
+        m.zero_grad()
+        monkeypatch.setattr(attn_mod, "_logged", set())  # the backend log must not break the graph either
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x, t, c)
+        out.float().pow(2).mean().backward()
+        outs.append(out.float())
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    tol = dict(atol=2e-2, rtol=2e-2) if bf16 else dict(atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    torch.testing.assert_close(grads[1], grads[0], **tol)
+    assert list(m.state_dict()) == list(compiled._orig_mod.state_dict())
