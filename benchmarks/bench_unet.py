@@ -8,7 +8,8 @@ analogue of ``torch.cuda.max_memory_allocated``; deterministic) and the peak RSS
 polled every 2 ms (what the OS sees; median of 3, glibc's mmap threshold pinned — see ``peak_mib``). Also prints model FLOPs per image (torch.utils.flop_counter) so GPU MFU =
 FLOPs/image × images/s / peak FLOP/s.
 
-    python benchmarks/bench_unet.py [--sizes tiny small] [--precisions fp32 bf16] [--channels-last] [--steps 5]
+    python benchmarks/bench_unet.py [--sizes tiny small] [--precisions fp32 bf16] [--channels-last] [--compile]
+                                    [--steps 5]
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def batch(b, res):
     return torch.randn(b, 3, res, res, generator=g), torch.randint(0, 1000, (b,), generator=g), cond
 
 
-def setup(which, kind, b, res, channels_last):
+def setup(which, kind, b, res, channels_last, compile_=False):
     m, fn = make(which, kind)
     x, t, c = batch(b, res)
     if channels_last:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if compile_:
+        m.compile()  # in place, as train.compile does (inductor)
     return m, fn, torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True), (x, t, c)
 
 
@@ -86,14 +89,16 @@ def train_step(fn, opt, data, precision):
     opt.step()
 
 
-def _peak_child(which, kind, b, res, precision, channels_last, q):
+def _peak_child(which, kind, b, res, precision, channels_last, compile_, q):
     """(peak live tensor MiB during a step, peak RSS growth MiB over the first two steps)."""
     import threading
 
     from torch.profiler import ProfilerActivity, profile
 
     torch.set_num_threads(2)
-    _, fn, opt, data = setup(which, kind, b, res, channels_last)
+    _, fn, opt, data = setup(which, kind, b, res, channels_last, compile_)
+    if compile_:  # compile outside the measured window (the parent's compilation left the graphs in inductor's cache)
+        train_step(fn, opt, data, precision)
     proc = psutil.Process()
     base = proc.memory_info().rss  # the model and the batch are in memory; no step has run
     peak, done = [base], threading.Event()
@@ -152,13 +157,16 @@ def main():
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                     help="fp32, and/or bf16 autocast (uses AMX on CPUs that have it)")
     ap.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile both models (inductor; minutes of compilation on a CPU before timing)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    fmt = "channels_last" if args.channels_last else "NCHW"
+    fmt = ("channels_last" if args.channels_last else "NCHW") + (", compiled" if args.compile else "")
     for kind in args.sizes:
         best = {}
         for precision in args.precisions:
-            runs = {w: setup(w, kind, args.batch, args.res, args.channels_last) for w in ("ours", "diffusers")}
+            runs = {w: setup(w, kind, args.batch, args.res, args.channels_last, args.compile)
+                    for w in ("ours", "diffusers")}
             times = {w: [] for w in runs}
             for w, (m, fn, opt, data) in runs.items():
                 train_step(fn, opt, data, precision)  # warm-up
@@ -169,11 +177,12 @@ def main():
                     times[w].append(time.perf_counter() - t0)
             print(f"\n== {kind} @ {args.res}px, batch {args.batch}, {precision}, {fmt}, median of {args.steps} steps ==")
             res = {}
-            for w, (m, fn, opt, (x, t, c)) in runs.items():
-                with FlopCounterMode(display=False) as fc:
-                    fn(x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
+            for w, (m, _, opt, (x, t, c)) in runs.items():
+                with FlopCounterMode(display=False) as fc:  # on an eager copy: the FLOPs are the same
+                    make(w, kind)[1](x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
                 ips = args.batch / statistics.median(times[w])
-                tensor_mib, rss_mib = peak_mib(w, kind, args.batch, args.res, precision, args.channels_last)
+                tensor_mib, rss_mib = peak_mib(w, kind, args.batch, args.res, precision, args.channels_last,
+                                               args.compile)
                 res[w] = (sum(p.numel() for p in m.parameters()), ips, tensor_mib, rss_mib, fc.get_total_flops())
                 best[w] = max(best.get(w, (0, "")), (ips, precision))
                 print(f"{w:10s} params {res[w][0] / 1e6:6.2f}M  {ips:7.2f} img/s  tensor peak {tensor_mib:6.0f} MiB  "
