@@ -16,6 +16,9 @@ SiLU derivative and one GroupNorm backward (1.4–2.6× faster than the previous
 benchmarks/README.md).
 channels_last tensors cannot be viewed so; there the scale-shift is a separate (cheap in that layout) pass.
 
+Under ``torch.compile`` (``train.compile``) the same function is written as plain ops, which inductor fuses itself;
+its kernels for the folded view were slow (benchmarks/README.md, "Both models compiled").
+
 Shapes: x (B, C, H, W) in any memory format; scale, shift (B, C, 1, 1) or None.
 """
 
@@ -99,11 +102,11 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | N
         raise ValueError("scale and shift go together")
     if not norm.affine:
         raise ValueError("group_norm_silu needs a GroupNorm with affine=True (its γ and β take the scale-shift)")
-    # Under autocast x is bf16/fp16 and the affine parameters fp32. CPU kernels take that mix and accumulate in fp32;
-    # elsewhere x is upcast inside the node (as autocast runs group_norm in fp32) and only x is kept, in low precision.
     if torch.compiler.is_compiling():  # plain ops: the compiler fuses them and chooses what to recompute itself
         h = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
         return F.silu(h if scale is None else torch.addcmul(shift, h, 1 + scale))
+    # Under autocast x is bf16/fp16 and the affine parameters fp32. CPU kernels take that mix and accumulate in fp32;
+    # elsewhere x is upcast inside the node (as autocast runs group_norm in fp32) and only x is kept, in low precision.
     upcast = x.dtype != norm.weight.dtype and x.device.type != "cpu"
     return _apply(x, norm, scale, shift, upcast)
 
