@@ -1,6 +1,6 @@
 """The full training step (data → text encoder → loss → backward → AdamW → EMA) through the real job.
 
-    python benchmarks/bench_train.py [--steps 40] [--batch 16] [--compile]
+    python benchmarks/bench_train.py [--steps 40] [--batch 16] [--compile] [--models tiny small/2]
 
 Runs pipeline/train.py in a child process for `tiny` and a reduced `small` (base_channels 64), with the live text
 encoder, with precomputed caption embeddings, and with bf16 autocast (`optim.mixed_precision=bf16`), and reports steady-state images/s and the data-wait fraction
@@ -66,6 +66,7 @@ def main():
     p.add_argument("--batch", type=int, default=16, help="images per step")
     p.add_argument("--resolution", type=int, default=32, help="image resolution")
     p.add_argument("--compile", action="store_true", help="also run with train.compile=true (fp32 and bf16)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="which models to run")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -80,7 +81,8 @@ def main():
         print(f"{torch.get_num_threads()} threads, {args.resolution} px, batch {args.batch}, {args.steps} steps")
         print("| model | params | train GFLOPs/img | captions | img/s | data wait | peak RSS |")
         print("|---|---:|---:|---|---:|---:|---:|")
-        for name, size_args in MODELS.items():
+        for name in args.models:
+            size_args = MODELS[name]
             flops, params = train_flops(size_args, args.resolution)
             settings = [("live encoder", []), ("precomputed", [f"text_encoder.cache={cache}"]),
                         ("live, bf16 autocast", ["optim.mixed_precision=bf16"])]
