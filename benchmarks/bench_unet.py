@@ -8,8 +8,11 @@ analogue of ``torch.cuda.max_memory_allocated``; deterministic) and the peak RSS
 polled every 2 ms (what the OS sees; median of 3, glibc's mmap threshold pinned — see ``peak_mib``). Also prints model FLOPs per image (torch.utils.flop_counter) so GPU MFU =
 FLOPs/image × images/s / peak FLOP/s.
 
+With ``--device cuda`` the steps are timed between CUDA synchronisations and memory is ``torch.cuda.max_memory_allocated``
+over one step after warm-up (in this process; no RSS column), and MFU is printed against ``--peak-tflops``.
+
     python benchmarks/bench_unet.py [--sizes tiny small] [--precisions fp32 bf16] [--channels-last] [--compile]
-                                    [--steps 5]
+                                    [--steps 5] [--device cpu|cuda] [--batch 16] [--res 32]
 """
 
 from __future__ import annotations
@@ -51,10 +54,14 @@ def diffusers_model(kind: str):
         cross_attention_dim=512, attention_head_dim=HEADS["small"])
 
 
+OURS_SMALL_BASE = 72  # the small recipe at 0.56 width: 35.0M vs diffusers 36.2M (--ours-base changes it)
+
+
 def ours_model(kind: str):
     if kind == "tiny":
         return build_model("tiny")
-    return build_model("small", base_channels=72)  # the small recipe at 0.56 width: 35.0M vs diffusers 36.2M
+    # from the environment, so that the spawned memory-measuring children see --ours-base too
+    return build_model("small", base_channels=int(os.environ.get("BENCH_OURS_BASE", OURS_SMALL_BASE)))
 
 
 def make(which: str, kind: str):
@@ -64,16 +71,18 @@ def make(which: str, kind: str):
     return m, lambda x, t, c: m(x, t, encoder_hidden_states=c["tokens"]).sample
 
 
-def batch(b, res):
+def batch(b, res, device="cpu"):
     g = torch.Generator().manual_seed(0)
     cond = {"tokens": torch.randn(b, 77, 512, generator=g), "mask": torch.ones(b, 77, dtype=torch.bool),
             "pooled": torch.randn(b, 512, generator=g)}
-    return torch.randn(b, 3, res, res, generator=g), torch.randint(0, 1000, (b,), generator=g), cond
+    x, t = torch.randn(b, 3, res, res, generator=g), torch.randint(0, 1000, (b,), generator=g)
+    return x.to(device), t.to(device), {k: v.to(device) for k, v in cond.items()}
 
 
-def setup(which, kind, b, res, channels_last, compile_=False):
+def setup(which, kind, b, res, channels_last, compile_=False, device="cpu"):
     m, fn = make(which, kind)
-    x, t, c = batch(b, res)
+    m = m.to(device)
+    x, t, c = batch(b, res, device)
     if channels_last:
         m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     if compile_:
@@ -82,7 +91,7 @@ def setup(which, kind, b, res, channels_last, compile_=False):
 
 
 def train_step(fn, opt, data, precision):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast(data[0].device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         loss = fn(*data).float().pow(2).mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -125,6 +134,41 @@ def _peak_child(which, kind, b, res, precision, channels_last, compile_, q):
     q.put(((max(totals) - totals[0]) / 2**20, (peak[0] - base) / 2**20))
 
 
+def cuda_peak_mib(fn, opt, data, precision):
+    """Peak CUDA memory allocated during one step after warm-up, above what was allocated before it (MiB)."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(fn, opt, data, precision)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def print_profile(which, fn, opt, data, precision, top):
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = data[0].device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        train_step(fn, opt, data, precision)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"-- {which}: top {top} by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
+def timed_step(fn, opt, data, precision):
+    cuda = data[0].device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train_step(fn, opt, data, precision)
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def peak_mib(*args, repeats=3):
     """(tensor peak, median RSS peak growth) in MiB, each run in a fresh spawned process.
 
@@ -159,37 +203,57 @@ def main():
     ap.add_argument("--channels-last", action="store_true", help="both models and inputs in channels_last")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile both models (inductor; minutes of compilation on a CPU before timing)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (cpu: 2 threads)")
+    ap.add_argument("--ours-base", type=int, default=OURS_SMALL_BASE,
+                    help="base width of our reduced small (72: matched parameters, heads of 72; 64: diffusers' widths "
+                         "and heads of 64, with fewer parameters)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="also print each model's N most expensive kernels over one step (torch.profiler)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="the GPU's dense bf16 peak for the MFU column (H100 SXM: 989; fp32 rows use it too)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    os.environ["BENCH_OURS_BASE"] = str(args.ours_base)
+    cuda = args.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(2)
     fmt = ("channels_last" if args.channels_last else "NCHW") + (", compiled" if args.compile else "")
     for kind in args.sizes:
         best = {}
         for precision in args.precisions:
-            runs = {w: setup(w, kind, args.batch, args.res, args.channels_last, args.compile)
+            runs = {w: setup(w, kind, args.batch, args.res, args.channels_last, args.compile, args.device)
                     for w in ("ours", "diffusers")}
             times = {w: [] for w in runs}
             for w, (m, fn, opt, data) in runs.items():
                 train_step(fn, opt, data, precision)  # warm-up
             for _ in range(args.steps):  # alternate, so both see the same machine state
                 for w, (m, fn, opt, data) in runs.items():
-                    t0 = time.perf_counter()
-                    train_step(fn, opt, data, precision)
-                    times[w].append(time.perf_counter() - t0)
+                    times[w].append(timed_step(fn, opt, data, precision))
             print(f"\n== {kind} @ {args.res}px, batch {args.batch}, {precision}, {fmt}, median of {args.steps} steps ==")
             res = {}
             for w, (m, _, opt, (x, t, c)) in runs.items():
-                with FlopCounterMode(display=False) as fc:  # on an eager copy: the FLOPs are the same
-                    make(w, kind)[1](x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
+                eager, eager_fn = make(w, kind)  # an eager copy: the FLOPs are the same
+                eager.to(x.device)
+                with FlopCounterMode(display=False) as fc:
+                    eager_fn(x[:1], t[:1], {k: v[:1] for k, v in c.items()}).sum().backward()
                 ips = args.batch / statistics.median(times[w])
-                tensor_mib, rss_mib = peak_mib(w, kind, args.batch, args.res, precision, args.channels_last,
-                                               args.compile)
-                res[w] = (sum(p.numel() for p in m.parameters()), ips, tensor_mib, rss_mib, fc.get_total_flops())
+                if cuda:  # in this process: CUDA's allocator statistics are exact and per process
+                    tensor_mib, rss_mib = cuda_peak_mib(*runs[w][1:], precision), float("nan")
+                else:
+                    tensor_mib, rss_mib = peak_mib(w, kind, args.batch, args.res, precision, args.channels_last,
+                                                   args.compile)
+                flops = fc.get_total_flops()  # per image
+                res[w] = (sum(p.numel() for p in m.parameters()), ips, tensor_mib, rss_mib, flops)
                 best[w] = max(best.get(w, (0, "")), (ips, precision))
-                print(f"{w:10s} params {res[w][0] / 1e6:6.2f}M  {ips:7.2f} img/s  tensor peak {tensor_mib:6.0f} MiB  "
-                      f"RSS peak +{rss_mib:6.0f} MiB  train FLOPs/img {res[w][4] / 1e9:.2f} G")
+                extra = (f"MFU {100 * flops * ips / (args.peak_tflops * 1e12):5.2f}%" if cuda
+                         else f"RSS peak +{rss_mib:6.0f} MiB")
+                print(f"{w:10s} params {res[w][0] / 1e6:6.2f}M  {ips:8.2f} img/s  tensor peak {tensor_mib:6.0f} MiB  "
+                      f"{extra}  train FLOPs/img {flops / 1e9:.2f} G")
+            if args.profile:
+                for w, (m, fn, opt, data) in runs.items():
+                    print_profile(w, fn, opt, data, precision, args.profile)
             o, d = res["ours"], res["diffusers"]
             print(f"ratios ours/diffusers: params {o[0] / d[0]:.2f}  throughput {o[1] / d[1]:.2f}x  "
-                  f"tensor memory {o[2] / d[2]:.2f}x  RSS memory {o[3] / d[3]:.2f}x")
+                  f"tensor memory {o[2] / d[2]:.2f}x" + ("" if cuda else f"  RSS memory {o[3] / d[3]:.2f}x"))
         if len(best) == 2 and len(args.precisions) > 1:
             (oi, op), (di, dp) = best["ours"], best["diffusers"]
             print(f"best setting of each: ours {oi:.1f} img/s ({op}) vs diffusers {di:.1f} img/s ({dp}): {oi / di:.2f}x")

@@ -14,7 +14,8 @@ channels in B·G groups (each group still holds only one sample's channels), so 
 apply a per-sample affine: the forward is one GroupNorm and one in-place SiLU, the backward one GroupNorm, the
 SiLU derivative and one GroupNorm backward (1.4–2.6× faster than the previous node alone; ~3% of a U-Net step,
 benchmarks/README.md).
-channels_last tensors cannot be viewed so; there the scale-shift is a separate (cheap in that layout) pass.
+channels_last tensors cannot be viewed so; on a CPU the scale-shift is then a separate (cheap in that layout) pass,
+and on a GPU, whose GroupNorm kernels take NCHW only, the node copies to NCHW and back.
 
 Under ``torch.compile`` (``train.compile``) the same function is written as plain ops, which inductor fuses itself;
 its kernels for the folded view were slow (benchmarks/README.md, "Both models compiled").
@@ -56,12 +57,15 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, upcast: bool):
         ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, x[0, 0].numel(), eps, upcast
-        ctx.channels_last = is_channels_last(x)
+        # Only the CPU GroupNorm kernels take channels_last; CUDA's want NCHW (as F.group_norm, copy in and out).
+        ctx.channels_last = is_channels_last(x) and x.device.type == "cpu"
+        back_to_channels_last = is_channels_last(x) and not ctx.channels_last
         x = x if ctx.channels_last else x.contiguous()
         gamma, beta = _per_sample_affine(weight, bias, scale, shift, x.shape[0])
         a = _GroupNormSiLU._pre_activation(ctx, x.to(weight.dtype) if upcast else x, gamma, beta)[0]
         ctx.save_for_backward(x, weight, bias, scale, shift)  # x in its own (low) precision
-        return F.silu(a, inplace=True).to(x.dtype)
+        out = F.silu(a, inplace=True).to(x.dtype)
+        return out.contiguous(memory_format=torch.channels_last) if back_to_channels_last else out
 
     @staticmethod
     @once_differentiable

@@ -72,6 +72,9 @@ class TrainSection:
     # torch.compile the U-Net's training forward/backward (inductor). Compiled in place, so checkpoints keep their
     # keys. The first step compiles (a minute or more on a CPU); not with DeepSpeed (refused at start).
     compile: bool = False
+    # Deterministic kernels (torch.use_deterministic_algorithms; cuBLAS workspace pinned): on a GPU, two runs with one
+    # seed and a resumed run then give the same weights bit for bit. Some kernels are slower; a CPU is always so.
+    deterministic: bool = False
 
 
 @dataclass

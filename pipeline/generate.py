@@ -2,7 +2,8 @@
 grids, the sampling script and the evaluation job.
 
 Each image's starting noise and sampler noise come from its own ``torch.Generator`` seeded by ``image_seed``,
-so an image does not depend on the batch it was generated in, nor on how many processes shared the work.
+so an image does not depend on the batch it was generated in, nor on how many processes shared the work (on a GPU,
+up to the rounding of kernels that differ by batch size: tests/test_gpu.py).
 """
 
 from __future__ import annotations

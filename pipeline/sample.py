@@ -7,7 +7,9 @@
 Writes ``OUT/images/*.png`` (one per image), ``OUT/grid.png`` (rows: prompts; columns: guidance scales × images) and
 ``OUT/metadata.jsonl`` (prompt, negative prompt, seed, sampler, steps, guidance, model, file) — enough to regenerate
 any image. Each image's noise comes from its own seed, derived from --seed, the prompt's index and the image's index
-(or a JSONL line's own "seed", used as is), so an image is the same whatever the batch size or the number of processes.
+(or a JSONL line's own "seed", used as is), so an image is the same whatever the batch size or the number of processes:
+bit for bit on a CPU; on a GPU up to rounding, since its kernels differ by batch size (measured on an H100: at most
+1/255 in 0.03% of the pixels in fp32, 3% in bf16).
 """
 
 from __future__ import annotations

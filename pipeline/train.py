@@ -72,6 +72,14 @@ def fix_cpu_deepspeed_ranks(accelerator):
     AcceleratorState._shared_state.update(real)
 
 
+def use_deterministic_kernels() -> None:
+    """train.deterministic: only kernels that give the same bits on every run (GPU atomics and cuDNN's autotuned
+    algorithms are not). cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it starts, so this runs before any CUDA work."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def writable_run_dir(path: str) -> Path:
     run_dir = Path(path)
     try:
@@ -157,6 +165,8 @@ def main(argv=None):
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
 
+    if cfg.train.deterministic:
+        use_deterministic_kernels()
     run_dir = writable_run_dir(cfg.train.output_dir)
     tracker = None if cfg.logging.tracker == "none" else cfg.logging.tracker
     accelerator = Accelerator(

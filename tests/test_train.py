@@ -118,6 +118,17 @@ def test_resume_is_exact(shards, tmp_path):
     assert [p.name for p in list_checkpoints(split / "checkpoints")] == ["step_00000006", "step_00000012"]
 
 
+def test_deterministic_option_selects_deterministic_kernels(shards, tmp_path):
+    """train.deterministic=true turns on PyTorch's deterministic kernels for the run (what makes GPU runs and resumes
+    bit-exact: tests/test_gpu.py); the job runs with them."""
+    try:
+        train.main(small(shards, tmp_path / "det", "--max-steps", "2", "train.deterministic=true"))
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert (tmp_path / "det" / "checkpoints" / "step_00000002" / "train_state.json").is_file()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_gradient_accumulation(shards, tmp_path):
     run = tmp_path / "accum"
     train.main(small(shards, run, "--max-steps", "3", "optim.grad_accum=2"))

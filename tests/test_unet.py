@@ -128,8 +128,13 @@ def test_backend_selection(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="xformers"):
         select_backend("xformers", cpu)
     monkeypatch.setattr(attn_mod, "xformers_available", lambda: True)
+    monkeypatch.setattr(attn_mod, "xformers_problem", lambda device: None)  # installed and working
     assert select_backend("auto", cuda) == "xformers"
     assert select_backend("auto", cpu) == "sdpa"  # xformers is CUDA-only
+    monkeypatch.setattr(attn_mod, "xformers_problem", lambda device: "built for another PyTorch")
+    assert select_backend("auto", cuda) == "sdpa"  # installed but broken: passed over …
+    with pytest.raises(RuntimeError, match="does not run here .built for another PyTorch.*attention='auto'"):
+        select_backend("xformers", cuda)  # … and refused by name, saying why
     with pytest.raises(ValueError, match="allowed values: auto, sdpa, xformers, math"):
         select_backend("flash3", cpu)
     # the choice is logged once
@@ -138,6 +143,62 @@ def test_backend_selection(monkeypatch, caplog):
         for _ in range(3):
             attention(torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
     assert sum("attention backend" in r.message for r in caplog.records) == 1
+
+
+class _FakeXformers:
+    """Stands in for ``xformers.ops`` on a CPU: its documented contract (q, k, v as (B, L, H, d); a tensor bias
+    (B, H, Lq, Lk) whose strides, but the last, are multiples of 8) and softmax(QKᵀ/√d + bias)V."""
+
+    def __init__(self, fail=None):
+        self.fail, self.calls = fail, 0
+
+    def memory_efficient_attention(self, q, k, v, attn_bias=None):
+        self.calls += 1
+        if self.fail:
+            raise NotImplementedError(self.fail)
+        if attn_bias is not None:
+            assert all(st % 8 == 0 for st in attn_bias.stride()[:-1]), attn_bias.stride()
+            assert attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        w = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / q.shape[-1] ** 0.5
+        return ((w if attn_bias is None else w + attn_bias).softmax(-1) @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def _fake_xformers(monkeypatch, fake):
+    import sys
+    import types
+
+    pkg = types.ModuleType("xformers")
+    pkg.ops = fake
+    monkeypatch.setitem(sys.modules, "xformers", pkg)
+    monkeypatch.setitem(sys.modules, "xformers.ops", fake)
+    monkeypatch.setattr(attn_mod, "_xformers_works", {})
+
+
+def test_xformers_probe_passes_over_a_broken_install(monkeypatch, caplog):
+    """An xformers whose kernels do not load is tried once per device, warned about once, and remembered."""
+    fake = _FakeXformers(fail="No operator found for `memory_efficient_attention_forward`")
+    _fake_xformers(monkeypatch, fake)
+    cpu = torch.device("cpu")  # the probe's logic; on a GPU, tests/test_gpu.py runs the real thing
+    with caplog.at_level(logging.WARNING, logger="models.attention"):
+        assert "No operator found" in attn_mod.xformers_problem(cpu)
+        assert "No operator found" in attn_mod.xformers_problem(cpu)
+    assert fake.calls == 1 and sum("does not run" in r.message for r in caplog.records) == 1
+    _fake_xformers(monkeypatch, _FakeXformers())
+    assert attn_mod.xformers_problem(cpu) is None
+
+
+@pytest.mark.parametrize("lk", [77, 9, 16])
+def test_xformers_path_builds_an_aligned_padding_bias(monkeypatch, lk):
+    """Text padding reaches xformers as an additive bias with 8-aligned rows (77 tokens are not a multiple of 8:
+    xformers refuses a plain (…, 77) tensor); the result equals the naive masked attention."""
+    _fake_xformers(monkeypatch, _FakeXformers())
+    monkeypatch.setattr(attn_mod, "select_backend", lambda requested, device: "xformers")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 10, 8, generator=g), torch.randn(2, 3, lk, 8, generator=g), torch.randn(2, 3, lk, 8, generator=g)
+    mask = torch.arange(lk)[None].expand(2, -1) < torch.tensor([[5], [lk]])
+    for m in (None, mask):
+        torch.testing.assert_close(attention(q, k, v, m, backend="xformers"), naive_attention(q, k, v, m),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_bad_resolution_says_what_is_expected():
