@@ -345,13 +345,14 @@ def test_group_norm_silu_refuses_a_norm_without_affine():
         group_norm_silu(torch.randn(1, 4, 2, 2), nn.GroupNorm(2, 4, affine=False))
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_compiles_as_one_graph_with_the_same_output_and_gradients(bf16, monkeypatch):
+@pytest.mark.parametrize("bf16, checkpointing", [(False, False), (True, False), (False, True)])
+def test_compiles_as_one_graph_with_the_same_output_and_gradients(bf16, checkpointing, monkeypatch):
     """torch.compile (train.compile): no graph breaks (fullgraph), and the traced model — plain GroupNorm ops in place
-    of the fused node, the CPU attention node under bf16 — gives eager's output and gradients. ``aot_eager`` traces
-    forward and backward as inductor does, without generating code (inductor itself runs in tests/test_train.py)."""
+    of the fused node, the CPU attention node under bf16, checkpointed blocks — gives eager's output and gradients.
+    ``aot_eager`` traces forward and backward as inductor does, without generating code (inductor itself runs in
+    tests/test_train.py)."""
     torch._dynamo.reset()
-    m = _randomize(_tiny())
+    m = _randomize(_tiny(gradient_checkpointing=checkpointing))
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
     x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _cond()
     outs, grads = [], []
