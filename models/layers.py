@@ -2,7 +2,10 @@
 names, shapes and initialisation), so checkpoints and parameter counts do not depend on how they are computed.
 
 - ``PointwiseConv``: a 1×1 convolution is a matrix multiply over channels. oneDNN's 1×1 convolution on NCHW
-  tensors is ~1.4–2× slower than the same GEMM (fwd + bwd, benchmarks/README.md), so it runs as one.
+  tensors is ~1.4–2× slower than the same GEMM (fwd + bwd, benchmarks/README.md), so on a CPU it runs as one.
+  Elsewhere it is the plain convolution. In an H100 profile (benchmarks/README.md, "On a GPU") a batched GEMM
+  kernel with 32×32 tiles, most likely this one (B GEMMs of only C_out rows each), took 13 ms of a 290 ms step;
+  cuDNN's implicit GEMM tiles over B·H·W instead. The switch was not timed on the GPU.
 - ``UpsampleConv``: nearest-neighbour 2× upsampling followed by a 3×3 convolution (the U-Net upsampler of
   DDPM / improved-diffusion / diffusers) equals one stride-2 transposed 4×4 convolution of the low-resolution
   input, whose kernel is a fixed sum of the 3×3 taps. It does 16 instead of 36 multiply-adds per input pixel
@@ -22,12 +25,15 @@ def is_channels_last(x: torch.Tensor) -> bool:
 
 
 class PointwiseConv(nn.Conv2d):
-    """``nn.Conv2d(cin, cout, 1)`` computed as a GEMM: (B, Cin, H, W) → (B, Cout, H, W) in the input's layout."""
+    """``nn.Conv2d(cin, cout, 1)`` computed as a GEMM on a CPU: (B, Cin, H, W) → (B, Cout, H, W) in the input's
+    layout."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            return super().forward(x)
         b, c, h, w = x.shape
         weight = self.weight.flatten(1)  # (Cout, Cin)
         if is_channels_last(x):  # (B, H, W, Cin) in memory: one Linear over the last dimension

@@ -3,7 +3,7 @@ none, so run these where one is: ``pytest tests/test_gpu.py``).
 
 - The GroupNorm → scale-shift → SiLU node: the NCHW fold onto CUDA's GroupNorm kernel (N = 1, B·G groups), the
   channels_last path, and the upcast of bf16/fp16 inputs that only runs off a CPU.
-- The two convolution reformulations under cuDNN, fp32 and autocast.
+- The upsampling convolution's reformulation under cuDNN, and the 1×1 convolution (plain there), fp32 and autocast.
 - Attention: SDPA's CUDA kernels and xformers (when installed), with text padding masks, forward and backward.
 - The U-Net: a bf16 / fp16 autocast training step follows fp32; gradient checkpointing changes nothing; torch.compile.
 - The jobs on CUDA: training with bf16 mixed precision, then sampling in bf16 and fp16 from its export.
