@@ -13,7 +13,6 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 log = logging.getLogger(__name__)
 _logged: set[str] = set()
@@ -112,30 +111,54 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         # PyTorch's CPU flash kernel is 3-6x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
         # attend in fp32, keeping only low-precision tensors for the backward pass.
         bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
-        return _CPUAttentionInFP32.apply(q, k, v, None if bias is None else bias[:, None, None, :])
+        return _cpu_attention_fp32(q, k, v, None if bias is None else bias[:, None, None, :])[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
 
 
-class _CPUAttentionInFP32(torch.autograd.Function):
-    """Low-precision q, k, v (B, H, L, d) attended in fp32 by PyTorch's CPU flash kernels (forward and backward),
-    outside autocast. Saves q, k, v and the output in their own precision plus the fp32 log-sum-exp (B, H, Lq):
-    autograd around an upcast would keep fp32 copies, twice the memory. The backward reads the output rounded to
-    bf16/fp16, as GPU flash-attention kernels do. ``bias``: (B, 1, 1, Lk) additive fp32 mask, or None."""
+# PyTorch custom ops rather than an autograd.Function: a compiled graph (train.compile) cannot see inside them, so
+# it saves exactly what `_save` keeps (q, k, v, out in low precision), not the fp32 copies made inside the forward.
+@torch.library.custom_op("t2i::cpu_attention_fp32", mutates_args=())
+def _cpu_attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-precision q, k, v (B, H, L, d) attended in fp32 by PyTorch's CPU flash kernel, outside autocast →
+    (out (B, H, Lq, d) in q's dtype, fp32 log-sum-exp (B, H, Lq)), both contiguous. ``bias``: (B, 1, 1, Lk)
+    additive fp32 mask, or None."""
+    with torch.autocast("cpu", enabled=False):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q.float(), k.float(), v.float(), attn_mask=bias)
+    return out.to(q.dtype, memory_format=torch.contiguous_format), lse.contiguous()
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias):
-        with torch.autocast("cpu", enabled=False):
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.float(), k.float(), v.float(), attn_mask=bias)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        return out
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        with torch.autocast("cpu", enabled=False):
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+@_cpu_attention_fp32.register_fake
+def _(q, k, v, bias):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("t2i::cpu_attention_fp32_backward", mutates_args=())
+def _cpu_attention_fp32_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor,
+                                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) in q's dtype, contiguous. The backward reads the output rounded to bf16/fp16, as GPU
+    flash-attention kernels do."""
+    with torch.autocast("cpu", enabled=False):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias)
+    return tuple(g.to(q.dtype, memory_format=torch.contiguous_format) for g in (dq, dk, dv))
+
+
+@_cpu_attention_fp32_backward.register_fake
+def _(grad, q, k, v, out, lse, bias):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+def _save(ctx, inputs, output):  # low-precision q, k, v and output plus the fp32 log-sum-exp: no fp32 copies kept
+    q, k, v, bias = inputs
+    ctx.save_for_backward(q, k, v, *output, bias)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    return (*_cpu_attention_fp32_backward(grad_out, q, k, v, out, lse, bias), None)
+
+
+_cpu_attention_fp32.register_autograd(_backward, setup_context=_save)

@@ -35,10 +35,13 @@ class PointwiseConv(nn.Conv2d):
         if x.device.type != "cpu":
             return super().forward(x)
         b, c, h, w = x.shape
-        weight = self.weight.flatten(1)  # (Cout, Cin)
+        # Under autocast, cast the parameters before expanding them: autocast would otherwise materialise the
+        # (B, Cout, H·W) bias and B weight copies in low precision, and their fp32 gradients in the backward pass.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else self.weight.dtype
+        weight, bias = self.weight.flatten(1).to(dtype), self.bias.to(dtype)  # (Cout, Cin), (Cout,)
         if is_channels_last(x):  # (B, H, W, Cin) in memory: one Linear over the last dimension
-            return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
-        out = torch.baddbmm(self.bias[:, None].expand(b, -1, h * w), weight.expand(b, -1, -1), x.reshape(b, c, h * w))
+            return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        out = torch.baddbmm(bias[:, None].expand(b, -1, h * w), weight.expand(b, -1, -1), x.reshape(b, c, h * w))
         return out.view(b, -1, h, w)  # (B, Cout, H·W) → (B, Cout, H, W)
 
 

@@ -14,8 +14,9 @@ channels in B·G groups (each group still holds only one sample's channels), so 
 apply a per-sample affine: the forward is one GroupNorm and one in-place SiLU, the backward one GroupNorm, the
 SiLU derivative and one GroupNorm backward (1.4–2.6× faster than the previous node alone; ~3% of a U-Net step,
 benchmarks/README.md).
-channels_last tensors cannot be viewed so; on a CPU the scale-shift is then a separate (cheap in that layout) pass,
-and on a GPU, whose GroupNorm kernels take NCHW only, the node copies to NCHW and back.
+channels_last tensors cannot be viewed so: the node copies them to NCHW and back. That is faster than PyTorch's own
+channels_last GroupNorm on a CPU (1.0–1.4x in fp32, 2.4–6x in bf16, forward + backward at U-Net sizes:
+benchmarks/README.md), and CUDA's GroupNorm kernels take NCHW only.
 
 Under ``torch.compile`` (``train.compile``) the same function is written as plain ops, which inductor fuses itself;
 its kernels for the folded view were slow (benchmarks/README.md, "Both models compiled").
@@ -44,28 +45,25 @@ def _per_sample_affine(weight, bias, scale, shift, b: int):
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def _pre_activation(ctx, xc, gamma, beta):
-        """a = GN(x)·γ' + β' → (a, mean, rstd, n): n is the plain normalised x on the channels_last path, else None."""
+        """a = GN(x)·γ' + β' for NCHW x → (a, mean, rstd). The batch is folded into the channels (B·G groups), so
+        the per-sample affine runs inside the kernel."""
         b, c = xc.shape[:2]
-        if ctx.channels_last:
-            n, mean, rstd = torch.native_group_norm(xc, None, None, b, c, ctx.hw, ctx.groups, ctx.eps)
-            return torch.addcmul(beta[:, :, None, None], n, gamma[:, :, None, None]), mean, rstd, n
-        # NCHW: the batch folded into the channels, B·G groups: the per-sample affine runs inside the kernel
         a, mean, rstd = torch.native_group_norm(xc.view(1, b * c, ctx.hw), gamma.reshape(-1), beta.reshape(-1),
                                                 1, b * c, ctx.hw, b * ctx.groups, ctx.eps)
-        return a.view(xc.shape), mean, rstd, None
+        return a.view(xc.shape), mean, rstd
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups: int, eps: float, upcast: bool):
         ctx.groups, ctx.hw, ctx.eps, ctx.upcast = groups, x[0, 0].numel(), eps, upcast
-        # Only the CPU GroupNorm kernels take channels_last; CUDA's want NCHW (as F.group_norm, copy in and out).
-        ctx.channels_last = is_channels_last(x) and x.device.type == "cpu"
-        back_to_channels_last = is_channels_last(x) and not ctx.channels_last
-        x = x if ctx.channels_last else x.contiguous()
+        ctx.channels_last = is_channels_last(x)  # computed in NCHW; the output goes back to x's layout
+        # x itself is saved, in its own (low) precision and layout: it is usually kept anyway (a skip connection's or
+        # a convolution's input), so an NCHW copy would double it
+        ctx.save_for_backward(x, weight, bias, scale, shift)
+        xc = x.contiguous()
         gamma, beta = _per_sample_affine(weight, bias, scale, shift, x.shape[0])
-        a = _GroupNormSiLU._pre_activation(ctx, x.to(weight.dtype) if upcast else x, gamma, beta)[0]
-        ctx.save_for_backward(x, weight, bias, scale, shift)  # x in its own (low) precision
+        a = _GroupNormSiLU._pre_activation(ctx, xc.to(weight.dtype) if upcast else xc, gamma, beta)[0]
         out = F.silu(a, inplace=True).to(x.dtype)
-        return out.contiguous(memory_format=torch.channels_last) if back_to_channels_last else out
+        return out.contiguous(memory_format=torch.channels_last) if ctx.channels_last else out
 
     @staticmethod
     @once_differentiable
@@ -73,21 +71,13 @@ class _GroupNormSiLU(torch.autograd.Function):
         x, weight, bias, scale, shift = ctx.saved_tensors
         b, c = x.shape[:2]
         gamma, beta = _per_sample_affine(weight, bias, scale, shift, b)
-        xc = x.to(weight.dtype) if ctx.upcast else x
-        a, mean, rstd, n = _GroupNormSiLU._pre_activation(ctx, xc, gamma, beta)  # the forward again
-        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        ga = torch.ops.aten.silu_backward(grad.to(a.dtype).contiguous(memory_format=fmt), a)  # dL/da
-        want_dx = ctx.needs_input_grad[0]
-        if ctx.channels_last:
-            d_gamma, d_beta = (ga * n).sum((2, 3)), ga.sum((2, 3))  # (B, C) each
-            dn = (ga * gamma[:, :, None, None]).to(xc.dtype)  # dL/dn (the kernel wants x's dtype)
-            dx = torch.ops.aten.native_group_norm_backward(dn, xc, mean, rstd, None, b, c, ctx.hw, ctx.groups,
-                                                           [want_dx, False, False])[0]
-        else:
-            dx, d_gamma, d_beta = torch.ops.aten.native_group_norm_backward(
-                ga.view(1, b * c, ctx.hw), xc.view(1, b * c, ctx.hw), mean, rstd, gamma.reshape(-1), 1, b * c, ctx.hw,
-                b * ctx.groups, [want_dx, True, True])
-            d_gamma, d_beta = d_gamma.view(b, c), d_beta.view(b, c)
+        xc = x.contiguous().to(weight.dtype) if ctx.upcast else x.contiguous()
+        a, mean, rstd = _GroupNormSiLU._pre_activation(ctx, xc, gamma, beta)  # the forward again
+        ga = torch.ops.aten.silu_backward(grad.to(a.dtype).contiguous(), a)  # dL/da
+        dx, d_gamma, d_beta = torch.ops.aten.native_group_norm_backward(
+            ga.view(1, b * c, ctx.hw), xc.view(1, b * c, ctx.hw), mean, rstd, gamma.reshape(-1), 1, b * c, ctx.hw,
+            b * ctx.groups, [ctx.needs_input_grad[0], True, True])
+        d_gamma, d_beta = d_gamma.view(b, c), d_beta.view(b, c)
         # back through the fold: γ' = γ·(1 + s), β' = β·(1 + s) + shift
         if scale is None:
             d_weight, d_bias, d_scale, d_shift = d_gamma.sum(0), d_beta.sum(0), None, None
@@ -95,7 +85,9 @@ class _GroupNormSiLU(torch.autograd.Function):
             s1 = 1 + scale.view(b, c)
             d_weight, d_bias = (d_gamma * s1).sum(0), (d_beta * s1).sum(0)
             d_scale, d_shift = (d_gamma * weight + d_beta * bias).view(scale.shape), d_beta.view(shift.shape)
-        dx = None if dx is None else dx.view(x.shape).to(x.dtype)
+        if dx is not None:
+            dx = dx.view(x.shape).to(x.dtype)
+            dx = dx.contiguous(memory_format=torch.channels_last) if ctx.channels_last else dx
         return dx, d_weight, d_bias, d_scale, d_shift, None, None, None
 
 

@@ -214,7 +214,9 @@ class UNet(nn.Module):
         emb = self.time_embed(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))  # (B, 4·C0)
         ctx = mask = None
         if cond is not None:
-            ctx, mask = cond["tokens"].to(x.dtype), cond.get("mask")
+            # once here, not in every attention block's key/value projection (autocast does not cache activations)
+            ctx_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            ctx, mask = cond["tokens"].to(ctx_dtype), cond.get("mask")
             if self.pooled_embed is not None and cond.get("pooled") is not None:
                 emb = emb + self.pooled_embed(cond["pooled"].to(x.dtype))
         ckpt = self.cfg.gradient_checkpointing and self.training

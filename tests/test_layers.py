@@ -57,3 +57,25 @@ def test_layers_under_bf16_autocast_follow_fp32():
             out = layer(x)
         assert out.dtype == torch.bfloat16
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_pointwise_conv_under_autocast_casts_its_parameters_before_expanding_them():
+    """Autocast casts a (B, Cout, H·W) expanded bias element by element: the layer casts the (Cout,) bias and the
+    (Cout, Cin) weight first, so no copy is as large as the output (nor, in backward, its fp32 gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer, x = PointwiseConv(8, 16), torch.randn(4, 8, 6, 6).bfloat16().requires_grad_()
+    copies = []
+
+    class Copies(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default:
+                copies.append(out.numel())
+            return out
+
+    with Copies(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        out.sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert copies and max(copies) < out.numel(), copies

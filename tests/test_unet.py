@@ -233,9 +233,13 @@ def test_group_norm_silu_matches_autograd(channels_last, scale_shift):
     out = group_norm_silu(x, norm, *ss)
     ref = torch.nn.functional.silu(norm(x) * (1 + ss[0]) + ss[1] if ss else norm(x))
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # computed in NCHW, returned in the input's layout
     inputs = [x, norm.weight, norm.bias, *ss]
     gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    for a, b in zip(torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)):
+    got, want = torch.autograd.grad(out, inputs, gy), torch.autograd.grad(ref, inputs, gy)
+    assert got[0].is_contiguous(memory_format=fmt)
+    for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     assert torch.autograd.gradcheck(lambda x, *s: group_norm_silu(x, norm, *s), (x, *ss))
 
@@ -254,6 +258,54 @@ def test_group_norm_silu_saves_only_its_input():
 
     assert saved_full_size(lambda: group_norm_silu(x, norm, scale, shift)) == 1  # x only
     assert saved_full_size(lambda: torch.nn.functional.silu(torch.addcmul(shift, norm(x), 1 + scale))) >= 3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_silu_saves_its_input_itself(channels_last):
+    """x is saved as given (not an NCHW copy of a channels_last x): it is usually kept anyway as a skip connection's
+    or a convolution's input, so a copy would double it."""
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    x.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        group_norm_silu(x, norm)
+    assert any(t is x for t in saved)
+    assert sum(1 for t in saved if t.numel() == x.numel()) == 1
+
+
+def test_caption_tokens_are_cast_once_under_autocast():
+    """Under autocast the caption tokens (B, L, context_dim) are cast to bf16 once per forward, not once per
+    attention block (autocast caches the casts of parameters, not of activations)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m, c = _tiny(), _cond(b=2, length=12, dim=64)
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].shape == c["tokens"].shape:
+                casts.append(kwargs.get("dtype"))
+            return func(*args, **(kwargs or {}))
+
+    assert sum(isinstance(b, type(m.middle[1])) for b in m.modules()) > 1  # several attention blocks read them
+    with Casts(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), c)
+    assert casts == [torch.bfloat16]
+
+
+def test_cpu_fp32_attention_ops_pass_opcheck():
+    """The custom ops behind CPU half-precision attention: schema, fake (meta) kernels and autograd registration
+    agree with the real kernels (torch.library.opcheck), as torch.compile relies on them."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 8).masked_fill(torch.arange(8) >= 5, float("-inf"))
+    for b in (None, bias):
+        torch.library.opcheck(attn_mod._cpu_attention_fp32, (q, k, v, b))
+    out, lse = attn_mod._cpu_attention_fp32(q, k, v, bias)
+    grad = torch.randn(out.shape, generator=g).bfloat16()
+    torch.library.opcheck(attn_mod._cpu_attention_fp32_backward, (grad, q.detach(), k.detach(), v.detach(),
+                                                                  out.detach(), lse.detach(), bias))
 
 
 def test_bf16_autocast_training_step_is_close_to_fp32():
