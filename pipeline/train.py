@@ -153,6 +153,13 @@ def save_sample_grid(ema_model, encoder, diffusion, cfg: TrainConfig, path: Path
     return path
 
 
+def channels_last_input(model):
+    """The U-Net fed x_t in channels_last (NHWC) layout (train.channels_last): the values are unchanged, and every
+    activation after the first convolution follows the input's layout (PyTorch picks a convolution's output layout
+    from its input or weight), while the weights stay NCHW for checkpoints, EMA and DeepSpeed."""
+    return lambda x, t, cond: model(x.contiguous(memory_format=torch.channels_last), t, cond)
+
+
 def main(argv=None):
     args = parse_args(argv)
     overrides = list(args.overrides)
@@ -237,6 +244,7 @@ def main(argv=None):
     train_state = lambda: {"model_config": dataclasses.asdict(unet_cfg), "nan_skips": nan_skips,  # noqa: E731
                            "dropped": dropped_total, "seen": seen_total}
 
+    net = channels_last_input(model) if cfg.train.channels_last else model  # what the loss calls
     batches = iter(loader)
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
@@ -260,7 +268,7 @@ def main(argv=None):
             noise_gen = torch.Generator(device).manual_seed(hash_seed(cfg.train.seed, rank, step, micro, 1))
             with accelerator.accumulate(model):
                 with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
-                    loss = diffusion.training_losses(model, x0, cond, generator=noise_gen)["loss"].mean()
+                    loss = diffusion.training_losses(net, x0, cond, generator=noise_gen)["loss"].mean()
                 # The one host sync per micro-step: every rank must agree to skip, or DDP's all-reduce hangs.
                 finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
                 if finite:  # every rank agrees, so DDP's all-reduce stays matched

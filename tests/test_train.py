@@ -261,6 +261,37 @@ def test_compiled_training_follows_eager_and_keeps_checkpoint_keys(shards, tmp_p
     load_exported(runs[True] / "model")
 
 
+def test_channels_last_training_follows_nchw(shards, tmp_path, monkeypatch):
+    """train.channels_last=true: the U-Net sees channels_last batches and its activations stay so; losses and weights
+    follow the NCHW run (to float reassociation), and checkpoints and export keep plain NCHW weights (safetensors
+    refuses non-contiguous tensors)."""
+    from models.unet import UNet
+
+    layouts = []
+    real_forward = UNet.forward
+
+    def spy(self, x, t, cond=None):
+        out = real_forward(self, x, t, cond)
+        if torch.is_grad_enabled():  # training steps, not the sample grid
+            layouts.append((x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous(),
+                            out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+        return out
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    runs = {}
+    for cl in (False, True):
+        layouts.clear()
+        run = tmp_path / ("channels_last" if cl else "nchw")
+        train.main(small(shards, run, "--max-steps", "4", f"train.channels_last={str(cl).lower()}", "optim.lr=1e-3"))
+        assert layouts and all(pair == (cl, cl) for pair in layouts), layouts
+        runs[cl] = run
+    losses = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs.values()]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    a, b = (weights(r / "checkpoints" / "step_00000004" / "model.safetensors") for r in runs.values())
+    assert_same(a, b, tol=1e-3)  # as in the compile test: a flipped Adam sign moves a weight by ≤ 4·lr
+    load_exported(runs[True] / "model")
+
+
 def test_compile_under_deepspeed_is_refused(shards, tmp_path):
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(ROOT / "launch/deepspeed/zero2.json")}
     res = torchrun(small(shards, tmp_path / "run", "--max-steps", "2", "train.compile=true"), env, nproc=1, ok=False)
