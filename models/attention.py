@@ -107,9 +107,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
             bias = bias.expand(-1, -1, q.shape[2], -1)
         out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
         return out.transpose(1, 2)
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU flash kernel is 3-6x slower in bf16 than in fp32 at U-Net sizes (benchmarks/README.md):
-        # attend in fp32, keeping only low-precision tensors for the backward pass.
+    long = q.dtype == torch.bfloat16 and q.shape[2] * k.shape[2] >= 256 * 256
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and not long:
+        # PyTorch's CPU flash kernel in bf16 (fp32 accumulation, AMX) has a high fixed cost: 2-6x slower than fp32
+        # below 256 x 256 query-key pairs, 10-20% faster from there (fwd + bwd, benchmarks/README.md). Short
+        # sequences attend in fp32, keeping only low-precision tensors for the backward pass.
         bias = None if mask is None else torch.zeros(mask.shape, device=q.device).masked_fill(~mask, float("-inf"))
         return _cpu_attention_fp32(q, k, v, None if bias is None else bias[:, None, None, :])[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])

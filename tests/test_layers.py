@@ -36,7 +36,7 @@ def test_pointwise_conv_equals_a_1x1_convolution(fmt):
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS)
-@pytest.mark.parametrize("hw", [(4, 4), (3, 5), (1, 2)])
+@pytest.mark.parametrize("hw", [(8, 8), (9, 10), (4, 4), (3, 5), (1, 2)])  # ≥ 64 pixels: the transposed form
 def test_upsample_conv_equals_nearest_upsampling_then_3x3_conv(fmt, hw):
     ours, ref = _pair(UpsampleConv, 5, 3, 3)
     x = torch.randn(2, 5, *hw, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
@@ -79,3 +79,17 @@ def test_pointwise_conv_under_autocast_casts_its_parameters_before_expanding_the
         out.sum().backward()
     assert out.dtype == torch.bfloat16
     assert copies and max(copies) < out.numel(), copies
+
+
+@pytest.mark.parametrize("hw, bf16, transposed", [((8, 8), False, True), ((4, 4), False, False), ((8, 8), True, False)])
+def test_upsample_conv_picks_the_faster_form_on_a_cpu(hw, bf16, transposed, monkeypatch):
+    """The transposed form in fp32 from 8×8 inputs up; upsampling + the direct convolution under bf16 autocast and
+    on smaller inputs, where oneDNN's transposed convolution is the slower one (benchmarks/README.md)."""
+    calls = []
+    real = F.conv_transpose2d
+    monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer, x = UpsampleConv(4, 4), torch.randn(1, 4, *hw)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = layer(x)
+    assert out.shape == (1, 4, 2 * hw[0], 2 * hw[1])
+    assert bool(calls) == transposed

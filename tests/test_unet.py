@@ -327,6 +327,23 @@ def test_bf16_autocast_training_step_is_close_to_fp32():
     assert rel(grads[1], grads[0]) < 0.05
 
 
+@pytest.mark.parametrize("lq, lk, in_fp32", [(64, 77, True), (256, 77, True), (256, 256, False), (1024, 77, False)])
+def test_cpu_bf16_attention_kernel_by_sequence_length(lq, lk, in_fp32, monkeypatch):
+    """Below 256 x 256 query-key pairs bf16 attention runs in fp32 (PyTorch's bf16 CPU kernel is slower there);
+    from there on in bf16 (fp32 accumulation). Either way values follow a float64 reference to bf16 precision."""
+    calls = []
+    real = attn_mod._cpu_attention_fp32
+    monkeypatch.setattr(attn_mod, "_cpu_attention_fp32", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, lq, 8, generator=g).bfloat16()
+    k, v = (torch.randn(1, 1, lk, 8, generator=g).bfloat16() for _ in range(2))
+    mask = torch.arange(lk)[None] < lk - 5
+    out = attention(q, k, v, mask=mask, backend="sdpa")
+    assert bool(calls) == in_fp32
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), naive_attention(q.double(), k.double(), v.double(), mask), atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_cpu_half_precision_attention_runs_in_fp32(masked):
     """On a CPU, bf16 attention is computed in fp32 (forward and backward) but keeps only bf16 tensors (and the
