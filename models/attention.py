@@ -123,34 +123,46 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def _cpu_attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-precision q, k, v (B, H, L, d) attended in fp32 by PyTorch's CPU flash kernel, outside autocast →
-    (out (B, H, Lq, d) in q's dtype, fp32 log-sum-exp (B, H, Lq)), both contiguous. ``bias``: (B, 1, 1, Lk)
-    additive fp32 mask, or None."""
+    (out (B, H, Lq, d) in q's dtype, fp32 log-sum-exp (B, H, Lq) contiguous). ``bias``: (B, 1, 1, Lk) additive
+    fp32 mask, or None. ``out`` is laid out (B, Lq, H, d) in memory, as the block's output projection reads it
+    (a view there, not a copy)."""
     with torch.autocast("cpu", enabled=False):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.float(), k.float(), v.float(), attn_mask=bias)
-    return out.to(q.dtype, memory_format=torch.contiguous_format), lse.contiguous()
+    return _heads_inner(out, q.dtype), lse.contiguous()
+
+
+def _heads_inner(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (B, H, L, d) cast to ``dtype`` in one copy, laid out (B, L, H, d) in memory: the layout of the (B, L, C)
+    projections the heads are views of, so autograd and the projections need no transposing copies."""
+    return x.transpose(1, 2).to(dtype, memory_format=torch.contiguous_format).transpose(1, 2)
+
+
+def _empty_heads_inner(like: torch.Tensor) -> torch.Tensor:
+    b, h, length, d = like.shape
+    return like.new_empty(b, length, h, d).transpose(1, 2)
 
 
 @_cpu_attention_fp32.register_fake
 def _(q, k, v, bias):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _empty_heads_inner(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("t2i::cpu_attention_fp32_backward", mutates_args=())
 def _cpu_attention_fp32_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  out: torch.Tensor, lse: torch.Tensor,
                                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) in q's dtype, contiguous. The backward reads the output rounded to bf16/fp16, as GPU
-    flash-attention kernels do."""
+    """(dq, dk, dv) in q's dtype, laid out (B, L, H, d) like ``out``. The backward reads the output rounded to
+    bf16/fp16, as GPU flash-attention kernels do."""
     with torch.autocast("cpu", enabled=False):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad.float(), q.float(), k.float(), v.float(), out.float(), lse, 0.0, False, attn_mask=bias)
-    return tuple(g.to(q.dtype, memory_format=torch.contiguous_format) for g in (dq, dk, dv))
+    return tuple(_heads_inner(g, q.dtype) for g in (dq, dk, dv))
 
 
 @_cpu_attention_fp32_backward.register_fake
 def _(grad, q, k, v, out, lse, bias):
-    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+    return _empty_heads_inner(q), _empty_heads_inner(k), _empty_heads_inner(v)
 
 
 def _save(ctx, inputs, output):  # low-precision q, k, v and output plus the fp32 log-sum-exp: no fp32 copies kept
