@@ -304,6 +304,9 @@ def test_cpu_fp32_attention_ops_pass_opcheck():
         torch.library.opcheck(attn_mod._cpu_attention_fp32, (q, k, v, b))
     out, lse = attn_mod._cpu_attention_fp32(q, k, v, bias)
     grad = torch.randn(out.shape, generator=g).bfloat16()
+    # laid out (B, L, H, d), as the (B, L, C) projections read and write them: no transposing copies around them
+    assert out.transpose(1, 2).is_contiguous()
+    assert all(d.transpose(1, 2).is_contiguous() for d in torch.autograd.grad(out, (q, k, v), grad))
     torch.library.opcheck(attn_mod._cpu_attention_fp32_backward, (grad, q.detach(), k.detach(), v.detach(),
                                                                   out.detach(), lse.detach(), bias))
 
