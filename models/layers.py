@@ -9,10 +9,11 @@ names, shapes and initialisation), so checkpoints and parameter counts do not de
 - ``UpsampleConv``: nearest-neighbour 2× upsampling followed by a 3×3 convolution (the U-Net upsampler of
   DDPM / improved-diffusion / diffusers) equals one stride-2 transposed 4×4 convolution of the low-resolution
   input, whose kernel is a fixed sum of the 3×3 taps. It does 16 instead of 36 multiply-adds per input pixel
-  and channel pair, and never materialises the upsampled tensor. On a CPU that is 1.3–2.4× faster in fp32 from
-  8×8 inputs up, but oneDNN's bf16 (AMX) transposed convolution is slower than upsampling + its direct convolution
-  (1.2–2.2× in channels_last; 0.85–2.2× in NCHW), as is the fp32 one on 4×4 inputs (benchmarks/README.md): there
-  the layer upsamples and convolves as written.
+  and channel pair, and never materialises the upsampled tensor (which the direct form also keeps for its
+  backward pass). On a CPU that is 1.3–2.4× faster in fp32 from 8×8 inputs up; on smaller inputs oneDNN's
+  transposed convolution is the slower one (1.4× in fp32, 2.2× in bf16; benchmarks/README.md), so there the layer
+  upsamples and convolves as written. (In bf16 the direct form is also faster on 8×8 inputs and, in channels_last,
+  on 16×16 ones, by 1.2–1.8×, but it keeps a 4× larger tensor for the backward pass: +2.5 MiB of `tiny`'s 51.)
 """
 
 from __future__ import annotations
@@ -67,9 +68,7 @@ class UpsampleConv(nn.Conv2d):
         super().__init__(cin, cout, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cpu = x.device.type == "cpu"
-        low_precision = torch.is_autocast_enabled(x.device.type) or x.dtype in (torch.bfloat16, torch.float16)
-        if cpu and (low_precision or x.shape[-2] * x.shape[-1] < 64):
+        if x.device.type == "cpu" and x.shape[-2] * x.shape[-1] < 64:
             return super().forward(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         kernel = _fold_nearest_upsampling(_fold_nearest_upsampling(self.weight, 2), 3)  # (Cout, Cin, 4, 4)
         return F.conv_transpose2d(x, kernel.transpose(0, 1), self.bias, stride=2, padding=1)

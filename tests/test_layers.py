@@ -81,10 +81,11 @@ def test_pointwise_conv_under_autocast_casts_its_parameters_before_expanding_the
     assert copies and max(copies) < out.numel(), copies
 
 
-@pytest.mark.parametrize("hw, bf16, transposed", [((8, 8), False, True), ((4, 4), False, False), ((8, 8), True, False)])
+@pytest.mark.parametrize("hw, bf16, transposed", [((8, 8), False, True), ((8, 8), True, True), ((4, 4), False, False),
+                                                   ((4, 4), True, False)])
 def test_upsample_conv_picks_the_faster_form_on_a_cpu(hw, bf16, transposed, monkeypatch):
-    """The transposed form in fp32 from 8×8 inputs up; upsampling + the direct convolution under bf16 autocast and
-    on smaller inputs, where oneDNN's transposed convolution is the slower one (benchmarks/README.md)."""
+    """The transposed form from 8×8 inputs up; upsampling + the direct convolution on smaller inputs, where oneDNN's
+    transposed convolution is the slower one (benchmarks/README.md)."""
     calls = []
     real = F.conv_transpose2d
     monkeypatch.setattr(F, "conv_transpose2d", lambda *a, **k: calls.append(1) or real(*a, **k))
