@@ -119,6 +119,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 # PyTorch custom ops rather than an autograd.Function: a compiled graph (train.compile) cannot see inside them, so
 # it saves exactly what `_save` keeps (q, k, v, out in low precision), not the fp32 copies made inside the forward.
+# Inductor's on-disk graph cache does not key on a custom op's fake kernel: if the output shapes or strides change,
+# rename the op, or a warm cache fails at run time ("assert_size_stride … incorrect fake kernel").
 @torch.library.custom_op("t2i::cpu_attention_fp32", mutates_args=())
 def _cpu_attention_fp32(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
