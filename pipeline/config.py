@@ -73,7 +73,8 @@ class TrainSection:
     # keys. The first step compiles (a minute or more on a CPU); not with DeepSpeed (refused at start).
     compile: bool = False
     # Feed the U-Net channels_last (NHWC) batches; its activations follow (the weights stay NCHW, so checkpoints and
-    # DeepSpeed are unaffected). Faster convolutions on CPUs (oneDNN, most of all in bf16) and on GPUs' tensor cores.
+    # DeepSpeed are unaffected). Faster convolutions on CPUs (oneDNN, most of all in bf16); not yet timed on a GPU,
+    # where the GroupNorm node copies to NCHW and back (CUDA's GroupNorm takes NCHW only).
     channels_last: bool = False
     # Deterministic kernels (torch.use_deterministic_algorithms; cuBLAS workspace pinned): on a GPU, two runs with one
     # seed and a resumed run then give the same weights bit for bit. Some kernels are slower; a CPU is always so.
