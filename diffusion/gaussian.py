@@ -29,6 +29,11 @@ PREDICTIONS = ("epsilon", "v", "x0")
 WEIGHTINGS = ("simple", "elbo", "min_snr")
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
 
+# The smallest ᾱ the samplers and spacings work with. ᾱ_T = 0 (a zero-terminal-SNR schedule), and the ᾱ below this
+# of the steps next to it, mean σ = √((1−ᾱ)/ᾱ) = ∞ or τ = −log ᾱ = ∞: the samplers that need those finite read
+# ᾱ as at least 2⁻²⁴ (σ ≤ 4096, diffusers does the same), computed in float64 before casting to the data's dtype.
+ALPHA_BAR_FLOOR = 2.0**-24
+
 # A network as the diffusion core sees it: (x_t, t, cond) -> raw output in the model's parameterisation.
 ModelFn = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -260,33 +265,45 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ sampling support
     def timesteps(self, num_steps: int | None = None, spacing: str = "linspace"):
-        """A descending subset of the T timesteps for a sampler run (timestep respacing).
+        """A descending subset of the T timesteps for a sampler run (timestep respacing): exactly ``num_steps`` of them.
 
         ``linspace`` spans T−1 … 0 evenly (the first step starts from the noisiest level);
         ``leading`` is DDIM's / diffusers' default (0, k, 2k, … reversed, k = T // steps);
-        ``trailing`` ends at T−1 (Lin et al. 2024, Table 2); ``logsnr`` is uniform in λ = ½ log SNR between
-        the noisiest and the cleanest step (Lu et al. 2022); ``karras`` is uniform in σ^(1/ρ), ρ = 7, with
-        σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, eq. 5), which keeps an ODE solver's steps small relative to σ.
-        ``logsnr`` and ``karras`` round to the nearest timesteps; where several round to the same timestep
-        near t = 0 they are merged, so they can return fewer steps than asked.
-        Returns int64 of shape (steps,), strictly descending.
+        ``trailing`` ends at T−1 (Lin et al. 2024, Table 2): round(T − i·T/n) − 1 for i = 0 … n−1;
+        ``logsnr`` is uniform in λ = ½ log SNR between the noisiest and the cleanest step (Lu et al. 2022);
+        ``karras`` is uniform in σ^(1/ρ), ρ = 7, with σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, eq. 5), which keeps an
+        ODE solver's steps small relative to σ. Both measure ᾱ no lower than the samplers' floor (2⁻²⁴), so
+        a zero-terminal-SNR schedule (λ_T = −∞) does not stretch the grid; they start at T−1 all the same.
+        Every spacing rounds to whole timesteps; where two round to the same one (``logsnr``/``karras`` near the
+        ends, where the schedule is steep in t), the later one moves to the next free timestep, so exactly
+        ``num_steps`` distinct timesteps come back for every 1 ≤ num_steps ≤ T.
+        Returns int64 of shape (num_steps,), strictly descending, from T−1 (``leading``: (n−1)·k) down to 0.
         """
         T = self.num_steps
         n = T if num_steps is None else num_steps
         _choice("spacing", spacing, SPACINGS)
         if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > T:
             raise ValueError(f"steps must be an integer in [1, T={T}], got {num_steps!r}")
+        i = torch.arange(n)
         if spacing == "linspace":
             ts = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
         elif spacing == "leading":
-            ts = (torch.arange(n) * (T // n)).flip(0)
+            ts = (i * (T // n)).flip(0)
         elif spacing == "trailing":
-            ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round().long() - 1
+            ts = (T - i * (T / n)).round().long() - 1
         else:
-            # both are monotone in t: λ = ½ log SNR decreases, σ^(1/ρ) = SNR^(−1/2ρ) increases
-            key = 0.5 * torch.log(self.snr.clamp(min=1e-20))
-            if spacing == "karras":
-                key = self.snr.clamp(min=1e-20) ** (-0.5 / 7.0)
-            grid = torch.linspace(float(key[-1]), float(key[0]), n, dtype=torch.float64)
-            ts = (key[None, :] - grid[:, None]).abs().argmin(1).unique().flip(0)
-        return ts
+            # both keys are monotone in t: λ = ½ log SNR decreases, σ^(1/ρ) = SNR^(−1/2ρ) increases
+            ab = self.alphas_cumprod.clamp(min=ALPHA_BAR_FLOOR)
+            snr = ab / (1 - ab)
+            key = 0.5 * torch.log(snr) if spacing == "logsnr" else snr ** (-0.5 / 7.0)
+            asc = key if spacing == "karras" else key.flip(0)  # ascending; position j is t = j (karras), T−1−j
+            grid = torch.linspace(float(asc[0]), float(asc[-1]), n, dtype=torch.float64)
+            hi = torch.searchsorted(asc, grid).clamp(min(1, T - 1), T - 1)
+            lo = (hi - 1).clamp(min=0)
+            j = torch.where((grid - asc[lo]).abs() <= (asc[hi] - grid).abs(), lo, hi)  # the nearest timestep
+            ts = (j if spacing == "karras" else T - 1 - j).sort(descending=True).values
+            ts[0] = T - 1  # the run starts from the noisiest step (ties at the ᾱ floor may round elsewhere)
+        # Rounded neighbours that coincide are pushed apart (t_i ≤ t_{i−1} − 1, a running minimum), keeping room
+        # below for the steps still to come (t_i ≥ n−1−i): strictly descending, n distinct values in [0, T−1].
+        ts = torch.cummin(ts + i, 0).values - i
+        return torch.maximum(ts, n - 1 - i)

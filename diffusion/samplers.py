@@ -22,15 +22,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .gaussian import GaussianDiffusion, ModelFn
+from .gaussian import ALPHA_BAR_FLOOR, GaussianDiffusion, ModelFn
 from .guidance import Denoiser, Guidance
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 Generator = torch.Generator | Sequence[torch.Generator] | None
-
-# ᾱ_T = 0 (a zero-terminal-SNR schedule) is replaced by this value in the samplers that work in
-# σ = √((1−ᾱ)/ᾱ), τ = −log ᾱ or λ = log(√ᾱ/√(1−ᾱ)), so they start at σ ≈ 4096 instead of ∞ (diffusers does the same).
-ALPHA_BAR_FLOOR = 2.0**-24
 
 
 def randn_like(x: torch.Tensor, generator: Generator) -> torch.Tensor:
@@ -64,10 +60,11 @@ def _tvec(t: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _ab(diffusion: GaussianDiffusion, t: int, x: torch.Tensor, floor: bool = False) -> torch.Tensor:
-    """ᾱ_t as a (1,)*ndim tensor in x's dtype (float64 lookup, t = −1 → 1)."""
+    """ᾱ_t as a (1,)*ndim tensor in x's dtype (float64 lookup, t = −1 → 1); with ``floor``, at least
+    ALPHA_BAR_FLOOR (applied in float64: a tiny ᾱ must not become 0 in float32 after the check)."""
     ab = diffusion.alpha_bar(torch.tensor([t], device=x.device), x[:1].double())
     if floor:
-        ab = torch.where(ab > 0, ab, torch.full_like(ab, ALPHA_BAR_FLOOR))
+        ab = ab.clamp(min=ALPHA_BAR_FLOOR)
     return ab.to(x.dtype)
 
 
@@ -159,27 +156,25 @@ def heun(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusio
     Euler too: there ε̂ is constant in σ to O(data scale²/σ²), so Euler is exact, whereas the trapezoid rule
     over one long step from e.g. σ_T ≈ 2·10⁴ (cosine schedule) down to σ ≈ 5 multiplies a 1 % change in ε̂ by
     the whole step. Deterministic: 2 network evaluations per Heun step, 1 per Euler step.
+
+    The Euler step x̃_s = x̃_t + (σ_s − σ_t) ε̂ is computed as x̃_s = x̂_0 + σ_s ε̂ (equal, since
+    x̃_t = x̂_0 + σ_t ε̂), i.e. x_s = √ᾱ_s x̂_0 + √(1−ᾱ_s) ε̂: exact also from ᾱ_t = 0 (σ_t = ∞, a
+    zero-terminal-SNR schedule), where the x̃ form loses x̂_0 against σ_t.
     """
     den, ts = _setup(model, x, timesteps, diffusion, cond, guidance)
-
-    def sigma(ab):
-        return ((1 - ab) / ab).sqrt()
-
     for i, (t, s) in enumerate(_steps(ts)):
-        ab_t = _ab(diffusion, t, x, floor=True)
         eps, x0 = den(x, _tvec(t, x))
         if s < 0:
             x = x0
         else:
-            ab_s = _ab(diffusion, s, x, floor=True)
-            sig_t, sig_s = sigma(ab_t), sigma(ab_s)
-            xt = x / ab_t.sqrt()  # x̃ at σ_t
-            x_euler = xt + (sig_s - sig_t) * eps
-            if float(sig_t) > sigma_max:
-                x = x_euler * ab_s.sqrt()
+            ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
+            x_euler = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+            if not float((1 - ab_t) / ab_t) <= sigma_max**2:  # σ_t > σ_max, or ∞ at ᾱ_t = 0
+                x = x_euler
             else:
-                eps_s, _ = den(x_euler * ab_s.sqrt(), _tvec(s, x))
-                x = (xt + (sig_s - sig_t) * 0.5 * (eps + eps_s)) * ab_s.sqrt()
+                sig_t, sig_s = ((1 - ab_t) / ab_t).sqrt(), ((1 - ab_s) / ab_s).sqrt()
+                eps_s, _ = den(x_euler, _tvec(s, x))
+                x = (x / ab_t.sqrt() + (sig_s - sig_t) * 0.5 * (eps + eps_s)) * ab_s.sqrt()
         if callback:
             callback(i, t, x, x0)
     return x
@@ -193,7 +188,8 @@ def dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiff
 
     With α = √ᾱ, σ = √(1−ᾱ), λ = log(α/σ) and h = λ_s − λ_t:
     x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) D, D = (1 + 1/2r) x̂_0(t) − (1/2r) x̂_0(t_prev), r = h_prev / h.
-    The first step and the last (to σ = 0) are first order.
+    The first step and the last (to σ = 0) are first order. From ᾱ_t = 0 (zero terminal SNR) λ_t = −∞, h = ∞ and
+    the step is exactly x_s = √(1−ᾱ_s) x_t + √ᾱ_s x̂_0 (no floor needed); the next one is then first order (r = ∞).
     """
     den, ts = _setup(model, x, timesteps, diffusion, cond, guidance)
     x0_prev, h_prev = None, None
@@ -202,7 +198,7 @@ def dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiff
         if s < 0:
             x = x0
         else:
-            ab_t, ab_s = _ab(diffusion, t, x, floor=True), _ab(diffusion, s, x, floor=True)
+            ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
             lam_t = 0.5 * (torch.log(ab_t) - torch.log1p(-ab_t))
             lam_s = 0.5 * (torch.log(ab_s) - torch.log1p(-ab_s))
             h = lam_s - lam_t

@@ -95,6 +95,29 @@ def test_guidance_combination_formula():
     torch.testing.assert_close(out.std(1), cond_out.std(1))
 
 
+@pytest.mark.parametrize("phi", [0.0, 0.3, 0.7, 1.0])
+def test_guidance_rescale_matches_diffusers_at_every_phi(phi):
+    """φ < 1 blends the rescaled and the plain guided output (Lin et al. 2024, eq. 16): against diffusers' own
+    rescale_noise_cfg (an independent implementation), on 4-D outputs as a U-Net gives them."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    d, _ = _setup()
+    gen = torch.Generator().manual_seed(3)
+    cond_out = torch.randn(3, 4, 6, 6, generator=gen, dtype=torch.float64)
+    uncond_out = 0.3 * torch.randn(3, 4, 6, 6, generator=gen, dtype=torch.float64)
+
+    def model(x, t, cond):
+        return torch.cat([cond_out, uncond_out])
+
+    den = Denoiser(model, d, cond=torch.zeros(3), guidance=Guidance(scale=5.0, uncond=torch.ones(1), rescale=phi))
+    out = den.raw(torch.zeros(3, 4, 6, 6, dtype=torch.float64), torch.full((3,), 10))
+    guided = uncond_out + 5.0 * (cond_out - uncond_out)
+    torch.testing.assert_close(out, rescale_noise_cfg(guided, cond_out, guidance_rescale=phi))
+    if 0 < phi < 1:  # strictly between the plain guided output and the fully rescaled one
+        full = rescale_noise_cfg(guided, cond_out, guidance_rescale=1.0)
+        assert not torch.allclose(out, guided) and not torch.allclose(out, full)
+
+
 def test_dynamic_thresholding_and_clipping():
     x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [3.0, -6.0, 1.0, 0.0]], dtype=torch.float64)
     out = dynamic_threshold(x0, 0.5)

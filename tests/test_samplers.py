@@ -89,6 +89,26 @@ def test_zero_terminal_snr_v_prediction(name):
     assert (out.std(0) - S).abs().max() < S * (4 / math.sqrt(2 * N) + 0.03)
 
 
+# relative std bias of each sampler at its default steps and spacing (ddim: 50, heun: 25, dpmpp_2m: 20 on log-SNR,
+# the others all T), measured on plain and zero-terminal-SNR schedules alike; the first-order ddim is the loosest
+DEFAULT_STEPS_BUDGET = {"ddpm": 0.02, "ddim": 0.07, "euler_maruyama": 0.02, "heun": 0.03, "dpmpp_2m": 0.045,
+                        "langevin": 0.07, "pc": 0.02}
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_zero_terminal_snr_every_sampler_at_default_steps(name, schedule):
+    """ᾱ_T = 0: no NaN (the linear schedule has steps with 0 < ᾱ < 2⁻²⁴ next to it), and x̂_0 is not lost in the
+    first step from σ = ∞ (Heun); mean and spread within each sampler's own default-steps error."""
+    d = GaussianDiffusion.from_config(DiffusionConfig(prediction="v", zero_terminal_snr=True, schedule=schedule))
+    model = GaussianMixtureModel(d, MU[None], [S])
+    x = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # p_T is exactly N(0, I)
+    out = sample(name, model, x, d, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    assert (out.mean(0) - MU).abs().max() < 4 * S / math.sqrt(N) + 0.01 * S, out.mean(0)
+    assert (out.std(0) - S).abs().max() < S * (4 / math.sqrt(2 * N) + DEFAULT_STEPS_BUDGET[name]), out.std(0)
+
+
 @pytest.mark.parametrize("name", ["ddim", "heun", "dpmpp_2m"])
 def test_deterministic_samplers_are_deterministic(name):
     d = GaussianDiffusion.from_config(DiffusionConfig())

@@ -77,3 +77,34 @@ def test_unknown_config_choices():
         GaussianDiffusion(linear_betas(100), prediction="score")
     with pytest.raises(ValueError, match="loss_weighting.*allowed values"):
         GaussianDiffusion(linear_betas(100), loss_weighting="p2")
+
+
+@pytest.mark.parametrize("schedule,zero_snr", [("linear", False), ("cosine", False), ("linear", True), ("cosine", True)])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "logsnr", "karras"])
+def test_every_spacing_returns_the_steps_asked_for_every_n(spacing, schedule, zero_snr):
+    """Exactly n distinct timesteps for every n in 1..T: log-SNR / Karras grids no longer merge steps where the schedule
+    is steep (ends of cosine, zero terminal SNR), and trailing never returns n + 1 or a −1."""
+    d = GaussianDiffusion.from_config(DiffusionConfig(schedule=schedule, zero_terminal_snr=zero_snr, prediction="v"))
+    T = d.num_steps
+    for n in range(1, T + 1):
+        ts = d.timesteps(n, spacing)
+        assert ts.dtype == torch.long and len(ts) == n, (n, len(ts))
+        assert bool((ts[:-1] > ts[1:]).all()) and 0 <= int(ts[-1]) and int(ts[0]) <= T - 1, (n, ts)
+        if spacing != "leading":
+            assert int(ts[0]) == T - 1, (n, ts[:3])  # every run but DDIM's `leading` starts from the noisiest step
+        if spacing not in ("trailing",) and n > 1:
+            assert int(ts[-1]) == 0
+    trailing = d.timesteps(10, "trailing")
+    assert trailing.tolist() == list(range(999, 0, -100))  # Lin et al. 2024, Table 2
+
+
+def test_log_snr_spacing_is_uniform_in_log_snr_where_the_schedule_allows():
+    """Consecutive log-SNR steps differ by the grid's Δλ, to rounding to whole timesteps (coarse near t = 0, where the
+    linear schedule's λ is steepest)."""
+    d = GaussianDiffusion.from_config(DiffusionConfig(schedule="linear"))
+    ts = d.timesteps(20, "logsnr")
+    lam = 0.5 * torch.log(d.snr[ts])
+    steps = lam[1:] - lam[:-1]
+    expected = (0.5 * torch.log(d.snr[0]) - 0.5 * torch.log(d.snr[-1])) / 19
+    assert ((steps[:-4] - expected).abs() / expected).max() < 0.03, steps
+    assert ((steps - expected).abs() / expected).max() < 0.25, steps
