@@ -36,6 +36,7 @@ from models.registry import model_config  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
 from models.unet import UNet  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
+from pipeline import distributed as dist  # noqa: E402
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config  # noqa: E402
 from pipeline.generate import cond_to, generate, image_seed  # noqa: E402
 
@@ -52,24 +53,6 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. optim.lr=2e-4 data.shards=/data/{000..099}.tar")
     return p.parse_intermixed_args(argv)
-
-
-def fix_cpu_deepspeed_ranks(accelerator):
-    """DeepSpeed without a GPU (the CPU test path): Accelerate 1.x initialises torch.distributed for all N ranks but
-    reports num_processes = 1 and process_index = 0 on every rank. Copy the real rank and world size into its shared
-    state so that the data are sharded, only rank 0 writes files and barriers wait for everyone. A no-op on GPUs,
-    where Accelerate gets them right."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    dist = torch.distributed
-    if accelerator.state.deepspeed_plugin is None or not dist.is_initialized():
-        return
-    if accelerator.num_processes == dist.get_world_size():
-        return
-    real = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
-            "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank())), "backend": dist.get_backend()}
-    PartialState._shared_state.update(real)
-    AcceleratorState._shared_state.update(real)
 
 
 def use_deterministic_kernels() -> None:
@@ -109,55 +92,123 @@ def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> 
     return ["" if d else c for c, d in zip(captions, drop.tolist())], int(drop.sum())
 
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A checksum of this rank's copy of the weights (replicas under DDP / ZeRO-1/2 must agree)."""
-    total = sum(p.detach().double().sum().item() + p.detach().double().pow(2).sum().item() for p in model.parameters())
-    return f"{total:.15e}"
-
-
 def build_ema(model: torch.nn.Module, cfg):
+    """ema-pytorch's EMA, kept in fp32 whatever the training weights are (DeepSpeed's bf16/fp16 casts the U-Net in
+    place: the online weights are cast up before the lerp). k-th update: θ_ema ← d_k θ_ema + (1 − d_k) θ with
+    d_k = min(decay, 1 − (1 + (k − start_step − 1)/inv_gamma)^(−power)); the first ``start_step`` updates copy."""
     if not cfg.enabled:
         return None
     from ema_pytorch import EMA
 
     return EMA(model, beta=cfg.decay, update_after_step=cfg.start_step, update_every=cfg.update_every,
-               inv_gamma=cfg.inv_gamma, power=cfg.power, include_online_model=False)
+               inv_gamma=cfg.inv_gamma, power=cfg.power, include_online_model=False, coerce_dtype=True)
 
 
 def update_ema(ema, model, accelerator):
     """Under ZeRO-3 each rank holds a shard of every parameter: gather the full weights for the update."""
-    if ema is None:
-        return
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+    if ema is not None:
+        with dist.full_weights(accelerator, model):
             ema.update()
-    else:
-        ema.update()
 
 
-def save_sample_grid(ema_model, encoder, diffusion, cfg: TrainConfig, path: Path, device) -> Path:
-    """Fixed prompts at a fixed seed and guidance: the same picture at every step, so progress is visible."""
+def save_sample_grid(sampler_model, encoder, diffusion, cfg: TrainConfig, path: Path | None, device) -> Path | None:
+    """Fixed prompts at a fixed seed and guidance: the same picture at every step, so progress is visible. Written
+    to ``path`` (None: sample, write nothing: the other ranks under ZeRO-3, whose forward passes gather the shards)."""
     from torchvision.utils import save_image
 
     lc = cfg.logging
     prompts = [p for p in lc.sample_prompts for _ in range(lc.sample_per_prompt)]
     seeds = [image_seed(lc.sample_seed, i, j) for i in range(len(lc.sample_prompts)) for j in range(lc.sample_per_prompt)]
-    images = generate(ema_model, encoder, diffusion, prompts, seeds, cfg.data.resolution, guidance=lc.sample_guidance,
-                      sampler=lc.sample_sampler, steps=lc.sample_steps, channels=ema_model.cfg.in_channels,
-                      device=device)
+    images = generate(sampler_model, encoder, diffusion, prompts, seeds, cfg.data.resolution,
+                      guidance=lc.sample_guidance, sampler=lc.sample_sampler, steps=lc.sample_steps,
+                      channels=sampler_model.cfg.in_channels, device=device,
+                      dtype=next(sampler_model.parameters()).dtype)  # bf16 weights under DeepSpeed without EMA
+    if path is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, path, nrow=lc.sample_per_prompt * 2, padding=1)
     return path
 
 
-def channels_last_input(model):
-    """The U-Net fed x_t in channels_last (NHWC) layout (train.channels_last): the values are unchanged, and every
-    activation after the first convolution follows the input's layout (PyTorch picks a convolution's output layout
-    from its input or weight), while the weights stay NCHW for checkpoints, EMA and DeepSpeed."""
-    return lambda x, t, cond: model(x.contiguous(memory_format=torch.channels_last), t, cond)
+def network(model, dtype: torch.dtype | None = None, channels_last: bool = False):
+    """What the loss calls: the U-Net fed x_t in the dtype of its weights and, with train.channels_last, in NHWC layout.
+
+    ``dtype``: DeepSpeed's bf16/fp16 casts the U-Net's weights in place and leaves autocast off, so x_t follows them
+    (the loss is computed in fp32 all the same). channels_last: the values are unchanged, and every activation after
+    the first convolution follows the input's layout (PyTorch picks a convolution's output layout from its input or
+    weight), while the weights stay NCHW for checkpoints, EMA and DeepSpeed."""
+    if dtype is None and not channels_last:
+        return model
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    return lambda x, t, cond: model(x.to(dtype=dtype or x.dtype, memory_format=fmt), t, cond)
+
+
+def backward(accelerator, loss: torch.Tensor, window_ok: bool, under_deepspeed: bool):
+    """One micro-step's backward, given whether every loss of this accumulation window was finite on every rank.
+
+    DDP / one process: a window with a non-finite loss stops calling backward, on every rank alike (so DDP's
+    all-reduce is never half-entered); its gradients are dropped at the window's end. DeepSpeed reduces gradients
+    inside every backward (ZeRO-2/3) and steps inside the last one, so every rank runs every backward; such a window
+    gets NaN gradients on every rank, which DeepSpeed's own check (a non-finite gradient norm) turns into a skipped
+    step, its gradients dropped and its LR scheduler not stepped."""
+    if under_deepspeed:
+        accelerator.backward(loss if window_ok else loss * float("nan"))
+    elif window_ok:
+        accelerator.backward(loss)
+
+
+def optimizer_step(accelerator, model, optimizer, window_ok: bool, grad_clip: float, under_deepspeed: bool):
+    """The end of an accumulation window: clip and step, or skip on every rank. Returns (stepped, grad norm or None)."""
+    if under_deepspeed:  # the engine stepped (or skipped) inside the window's last backward
+        stepped = model.was_step_applied()
+        if stepped and not window_ok:
+            raise RuntimeError("DeepSpeed applied a step with non-finite gradients (is its bf16 check_grad_overflow "
+                               "off?): the weights are lost; resume from the last checkpoint")
+        return stepped, model.get_global_grad_norm() if stepped else None
+    stepped, norm = False, None
+    if window_ok:
+        if grad_clip > 0:
+            norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        stepped = not accelerator.optimizer_step_was_skipped  # fp16's loss scaler skips inf/NaN gradients
+    optimizer.zero_grad(set_to_none=True)
+    return stepped, norm
+
+
+@dataclasses.dataclass
+class Counts:
+    """What the loop counts, saved in every checkpoint. ``step`` counts loop steps (each consumed its batches), of
+    which ``optimizer_steps`` updated the weights; the LR schedule and EMA follow ``optimizer_steps``."""
+
+    step: int = 0
+    optimizer_steps: int = 0
+    nan_skips: int = 0  # steps skipped on every rank for a non-finite loss (any rank, any micro-step)
+    overflow_skips: int = 0  # steps fp16's loss scaler skipped (inf/NaN gradients from a finite loss)
+    nan_in_row: int = 0
+    dropped: int = 0  # captions replaced by "" (caption dropout)
+    seen: int = 0
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Counts":
+        known = {f.name for f in dataclasses.fields(cls)}
+        counts = cls(**{k: v for k, v in state.items() if k in known})
+        if "optimizer_steps" not in state:  # a checkpoint from before this counter: every non-skipped step was taken
+            counts.optimizer_steps = counts.step - counts.nan_skips
+        return counts
+
+    def taken(self, stepped: bool, losses_finite: bool):
+        self.step += 1
+        self.optimizer_steps += stepped
+        self.nan_skips += not losses_finite
+        self.overflow_skips += losses_finite and not stepped
+        self.nan_in_row = 0 if losses_finite else self.nan_in_row + 1
+
+    def state(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def metrics(self) -> dict:
+        return {"optimizer_steps": self.optimizer_steps, "nan_skips": self.nan_skips,
+                "overflow_skips": self.overflow_skips, "caption_dropout_rate": self.dropped / max(1, self.seen)}
 
 
 def main(argv=None):
@@ -180,7 +231,7 @@ def main(argv=None):
         mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=tracker, step_scheduler_with_optimizer=False,  # one scheduler step per optimiser step, any world size
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
-    fix_cpu_deepspeed_ranks(accelerator)
+    dist.fix_cpu_deepspeed_ranks(accelerator)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -205,35 +256,33 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     model = UNet(unet_cfg)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    ema = build_ema(model, cfg.ema)  # before compiling: the EMA copy samples eagerly
+    o = cfg.optim
+    try:
+        dist.check_launch(cfg, accelerator, model)
+        dist.configure_deepspeed(accelerator, o, world)
+    except dist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
+    ema = build_ema(model, cfg.ema)  # before compiling (the EMA copy samples eagerly) and before DeepSpeed casts
     if ema is not None:
         ema.to(device)
     if cfg.train.compile:
-        if accelerator.state.deepspeed_plugin is not None:
-            raise SystemExit("error: train.compile=true is not supported under DeepSpeed here (its engine wraps the "
-                             "module's hooks); set train.compile=false, or use DDP (launch/accelerate/8gpu_ddp.yaml)")
         log.info("train.compile: the U-Net runs through torch.compile; the first step compiles it (minutes on a CPU)")
         model.compile()  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
-    o = cfg.optim
     # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
                                   fused=True)
+    # One scheduler step per optimiser step taken (a skipped step does not advance it).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, o.warmup_steps, o.decay_steps or cfg.train.max_steps, o.schedule, o.min_lr_ratio))
-    if accelerator.state.deepspeed_plugin is not None:  # no DataLoader is prepared: tell DeepSpeed the micro-batch
-        ds = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds["train_micro_batch_size_per_gpu"] = o.batch_size
-        ds["gradient_accumulation_steps"] = o.grad_accum
-        ds["train_batch_size"] = o.batch_size * o.grad_accum * world
-        if ds.get("gradient_clipping", "auto") == "auto":
-            ds["gradient_clipping"] = o.grad_clip or 0.0
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # the text encoder stays out
+    under_deepspeed = dist.zero_stage(accelerator) is not None
+    weights_dtype = next(model.parameters()).dtype  # bf16/fp16 under DeepSpeed's mixed precision, else fp32
 
-    step, nan_skips, nan_in_row, dropped_total, seen_total = 0, 0, 0, 0, 0
+    counts = Counts()
     if resume_from:
         state = ckpt.load_checkpoint(accelerator, resume_from, ema)  # data position: restored in the Loader
-        step, nan_skips, dropped_total, seen_total = (state[k] for k in ("step", "nan_skips", "dropped", "seen"))
-        log.info("resumed from %s at step %d", resume_from, step)
+        counts = Counts.from_state(state)
+        log.info("resumed from %s at step %d", resume_from, counts.step)
     if accelerator.is_main_process:
         ckpt.remove_partial(ckpt_dir)
         save_config(cfg, run_dir / "config.yaml")
@@ -241,27 +290,26 @@ def main(argv=None):
                  cfg.model.size, accelerator.unwrap_model(model).num_parameters() / 1e6, cfg.text_encoder.name,
                  "cached" if cfg.text_encoder.cache else "live", world, device.type, len(loader.urls))
     accelerator.init_trackers(cfg.logging.project, config=_flat(dataclasses.asdict(cfg)))
-    train_state = lambda: {"model_config": dataclasses.asdict(unet_cfg), "nan_skips": nan_skips,  # noqa: E731
-                           "dropped": dropped_total, "seen": seen_total}
 
-    net = channels_last_input(model) if cfg.train.channels_last else model  # what the loss calls
+    net = network(model, None if weights_dtype == torch.float32 else weights_dtype, cfg.train.channels_last)
     batches = iter(loader)
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", disable=not accelerator.is_main_process,
+    bar = tqdm(total=cfg.train.max_steps, initial=counts.step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     loss_sum = torch.zeros((), device=device)
     grad_norm_sum = torch.zeros((), device=device)  # summed on the device: no host sync until the log step
-    logged_steps, wait_time, t_last, images_since = 0, 0.0, time.perf_counter(), 0
+    losses_summed, norms_summed, wait_time, t_last, images_since = 0, 0, 0.0, time.perf_counter(), 0
     model.train()
-    while step < cfg.train.max_steps:
-        finite_micro = 0
+    while counts.step < cfg.train.max_steps:
+        step = counts.step
+        window_ok, bad_at = True, []  # every micro-step's loss finite on every rank; (micro-step, ranks) where not
         for micro in range(o.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait_time += time.perf_counter() - t0
             gen = torch.Generator().manual_seed(hash_seed(cfg.train.seed, rank, step, micro))  # exact on resume
             captions, dropped = drop_captions(batch.captions, cfg.train.caption_dropout, gen)
-            dropped_total += dropped
-            seen_total += len(captions)
+            counts.dropped += dropped
+            counts.seen += len(captions)
             images_since += len(captions)
             cond = cond_to(encoder.encode(captions), device)
             x0 = batch.pixels(device)
@@ -269,77 +317,81 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
                     loss = diffusion.training_losses(net, x0, cond, generator=noise_gen)["loss"].mean()
-                # The one host sync per micro-step: every rank must agree to skip, or DDP's all-reduce hangs.
-                finite = accelerator.gather(torch.isfinite(loss.detach()).float()[None]).min() > 0
-                if finite:  # every rank agrees, so DDP's all-reduce stays matched
-                    accelerator.backward(loss)
+                finite, bad_ranks = dist.finite_everywhere(accelerator, loss)  # the one host sync per micro-step
+                if finite:
                     loss_sum += loss.detach()
-                    finite_micro += 1
-        if finite_micro:
-            if accelerator.sync_gradients and o.grad_clip > 0:
-                norm = accelerator.clip_grad_norm_(model.parameters(), o.grad_clip)
-                if norm is not None:  # DeepSpeed clips inside its engine and returns None
-                    grad_norm_sum += norm.detach().float() if torch.is_tensor(norm) else norm
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                    losses_summed += 1
+                else:
+                    window_ok = False
+                    bad_at.append((micro, bad_ranks))
+                backward(accelerator, loss, window_ok, under_deepspeed)
+        stepped, norm = optimizer_step(accelerator, model, optimizer, window_ok, o.grad_clip, under_deepspeed)
+        if stepped:
+            scheduler.step()  # under DeepSpeed its engine stepped it already (Accelerate's wrapper does nothing)
             update_ema(ema, accelerator.unwrap_model(model), accelerator)
-            nan_in_row = 0
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            nan_skips += 1
-            nan_in_row += 1
-            log.warning("non-finite loss at step %d: step skipped (%d in a row)", step, nan_in_row)
-            if nan_in_row >= cfg.train.max_nan_in_row:
-                raise RuntimeError(f"{nan_in_row} non-finite losses in a row (train.max_nan_in_row): stopping. "
+            if norm is not None:
+                grad_norm_sum += norm.detach().float() if torch.is_tensor(norm) else float(norm)
+                norms_summed += 1
+        counts.taken(stepped, window_ok)
+        if not window_ok:
+            if accelerator.is_main_process:  # every rank knows, one says it
+                where = ", ".join(f"micro-step {m} on {r} of {world} rank(s)" for m, r in bad_at)
+                log.warning("non-finite loss at step %d (%s): step skipped on every rank (%d in a row)", step, where,
+                            counts.nan_in_row)
+            if counts.nan_in_row >= cfg.train.max_nan_in_row:
+                raise RuntimeError(f"{counts.nan_in_row} non-finite losses in a row (train.max_nan_in_row): stopping. "
                                    f"Lower optim.lr, use bf16 rather than fp16, or resume from an earlier checkpoint.")
-        step += 1
-        logged_steps += 1
+        elif not stepped:
+            log.info("step %d skipped by the loss scaler (inf/NaN gradients in fp16; it lowers the scale)", step)
         bar.update(1)
+        step = counts.step
 
         if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
             elapsed = time.perf_counter() - t_last
             skipped = dict(sum((Counter(c) for c in gather_object([loader.skipped])), Counter()))
-            metrics = {"loss": accelerator.reduce(loss_sum, "mean").item() / max(1, logged_steps * o.grad_accum),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum.item() / max(1, logged_steps),
+            metrics = {"loss": accelerator.reduce(loss_sum, "mean").item() / max(1, losses_summed),
+                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum.item() / max(1, norms_summed),
                        "images_per_s": images_since * world / elapsed, "data_wait_fraction": wait_time / elapsed,
-                       "nan_skips": nan_skips, "caption_dropout_rate": dropped_total / max(1, seen_total),
-                       "epoch": loader.epoch, **{f"skipped/{k}": v for k, v in skipped.items()}}
+                       **counts.metrics(), "epoch": loader.epoch, **{f"skipped/{k}": v for k, v in skipped.items()}}
             accelerator.log(metrics, step=step)
             if accelerator.is_main_process:  # a plain copy for scripts and reports (the loss curve)
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped %s",
-                     step, metrics["loss"], metrics["lr"], metrics["grad_norm"], metrics["images_per_s"],
-                     100 * metrics["data_wait_fraction"], skipped or "none")
+            log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped steps %d "
+                     "(non-finite loss) + %d (loss scaler), skipped samples %s", step, metrics["loss"], metrics["lr"],
+                     metrics["grad_norm"], metrics["images_per_s"], 100 * metrics["data_wait_fraction"],
+                     counts.nan_skips, counts.overflow_skips, skipped or "none")
             loss_sum.zero_()
             grad_norm_sum.zero_()
-            logged_steps, wait_time, images_since, t_last = 0, 0.0, 0, time.perf_counter()
+            losses_summed, norms_summed, wait_time, images_since, t_last = 0, 0, 0.0, 0, time.perf_counter()
 
         last = step == cfg.train.max_steps
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or last:
-            if accelerator.is_main_process:
+            zero3_weights = ema is None and dist.zero_stage(accelerator) == 3  # sharded: every rank must take part
+            if accelerator.is_main_process or zero3_weights:
                 sampler_model = ema.ema_model if ema is not None else accelerator.unwrap_model(model)
-                path = save_sample_grid(sampler_model, encoder, diffusion, cfg,
-                                        run_dir / "samples" / f"step_{step:08d}.png", device)
-                _log_image(accelerator, path, step)
+                path = run_dir / "samples" / f"step_{step:08d}.png" if accelerator.is_main_process else None
+                save_sample_grid(sampler_model, encoder, diffusion, cfg, path, device)
+                if path is not None:
+                    _log_image(accelerator, path, step)
             accelerator.wait_for_everyone()
         if step % cfg.checkpoint.every == 0 or last:
-            zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
-            info = {"weights_fingerprint": None if zero3 else weights_fingerprint(model), "last_keys": batch.keys}
+            info = {"weights_fingerprint": dist.weights_fingerprint(accelerator, model), "last_keys": batch.keys}
             fingerprints = {i["weights_fingerprint"] for i in gather_object([info])}
             if len(fingerprints) > 1:
                 log.warning("the ranks' weights differ at step %d (%s): replicas diverged", step, fingerprints)
-            ckpt.save_checkpoint(accelerator, ckpt_dir, step, ema, loader, train_state(), cfg.checkpoint.keep_last, info)
+            train_state = {"model_config": dataclasses.asdict(unet_cfg), **counts.state()}
+            ckpt.save_checkpoint(accelerator, ckpt_dir, step, ema, loader, train_state, cfg.checkpoint.keep_last, info)
     bar.close()
 
     unet_state = accelerator.get_state_dict(model)  # collective (gathers ZeRO-3 shards)
     if accelerator.is_main_process:
         ckpt.export_model(run_dir / "model", unet_state, ema.ema_model.state_dict() if ema is not None else None,
-                          unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, step)
-        log.info("done: %d steps; %d skipped for non-finite loss; caption dropout %.3f; skipped samples %s",
-                 step, nan_skips, dropped_total / max(1, seen_total), loader.skipped or "none")
+                          unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, counts.step)
+        log.info("done: %d steps (%d optimiser steps; skipped: %d for non-finite loss, %d by the loss scaler); "
+                 "caption dropout %.3f; skipped samples %s", counts.step, counts.optimizer_steps, counts.nan_skips,
+                 counts.overflow_skips, counts.dropped / max(1, counts.seen), loader.skipped or "none")
     accelerator.end_training()
     return run_dir
 
