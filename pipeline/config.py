@@ -248,7 +248,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs: launch/configs/*.yaml)")
         raw = yaml.safe_load(path.read_text()) or {}
+    seen: dict[str, str] = {}
     for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in seen:
+            raise ConfigError(f"override {key} is given more than once ({seen[key]!r}, then {item!r}): give each key "
+                              f"once. A brace pattern or glob left unquoted is expanded by the shell into many "
+                              f"arguments: quote it, e.g. 'data.shards=/data/{{00000..09999}}.tar'")
+        seen[key] = item
         apply_override(raw, item)
     return from_dict(TrainConfig, raw).validate()
 

@@ -211,17 +211,21 @@ class Counts:
                 "overflow_skips": self.overflow_skips, "caption_dropout_rate": self.dropped / max(1, self.seen)}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"train.output_dir={args.output_dir}")
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
+def config_from_args(args) -> TrainConfig:
+    """The run config: file, then overrides; --output-dir / --max-steps replace an override of the same key."""
+    flags = {"train.output_dir": args.output_dir, "train.max_steps": args.max_steps}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() not in flags]
+    overrides += [f"{k}={v}" for k, v in flags.items()]
     try:
-        cfg = load_config(args.config, overrides)
+        return load_config(args.config, overrides)
     except ConfigError as e:
         raise SystemExit(f"config error: {e}") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = config_from_args(args)
 
     if cfg.train.deterministic:
         use_deterministic_kernels()

@@ -29,10 +29,12 @@ def shards(tmp_path_factory):
 
 def small(shards, run_dir, *extra):
     """Overrides that make the demo config test-sized (16 px, batch 8)."""
-    return ["--config", DEMO, "--output-dir", str(run_dir), f"data.shards={shards}", "data.resolution=16",
-            "data.num_workers=2", "data.shuffle_buffer=64", "optim.batch_size=8", "optim.warmup_steps=5",
-            "logging.tracker=none", "logging.every=2", "logging.sample_every=0", "logging.sample_steps=3",
-            "logging.sample_per_prompt=1", "checkpoint.every=4", *extra]
+    base = [f"data.shards={shards}", "data.resolution=16", "data.num_workers=2", "data.shuffle_buffer=64",
+            "optim.batch_size=8", "optim.warmup_steps=5", "logging.tracker=none", "logging.every=2",
+            "logging.sample_every=0", "logging.sample_steps=3", "logging.sample_per_prompt=1", "checkpoint.every=4"]
+    given = {e.split("=", 1)[0] for e in extra}  # a key in extra replaces its default (a repeated key is an error)
+    return ["--config", DEMO, "--output-dir", str(run_dir), *[b for b in base if b.split("=", 1)[0] not in given],
+            *extra]
 
 
 def weights(path):
@@ -71,6 +73,12 @@ def test_config_loads_overrides_and_refuses_unknown_keys_and_bad_types(tmp_path)
     bad.write_text("optim:\n  mixed_precision: no\n")
     with pytest.raises(ConfigError, match="optim.mixed_precision: expected a string, got False; quote"):
         load_config(bad)
+    # an unquoted brace pattern expanded by a shell arrives as many overrides of one key: refused, not last-one-wins
+    with pytest.raises(ConfigError, match="data.shards is given more than once.*quote it"):
+        load_config(DEMO, ["data.shards=/d/00000.tar", "data.shards=/d/00001.tar"])
+    # --output-dir / --max-steps replace an override of the same key rather than repeating it
+    cfg = train.config_from_args(train.parse_args(["--config", DEMO, "--max-steps", "7", "train.max_steps=3"]))
+    assert cfg.train.max_steps == 7
 
 
 def test_lr_schedule_and_caption_dropout_rate():
