@@ -43,6 +43,16 @@ def fix_cpu_deepspeed_ranks(accelerator):
     AcceleratorState._shared_state.update(real)
 
 
+def check_world(accelerator):
+    """The launcher started WORLD_SIZE processes; Accelerate must see as many, or each would train alone and overwrite
+    the others' checkpoints. (On a machine without GPUs, `accelerate launch` with a multi-GPU launch file does that.)"""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise LaunchError(f"{launched} processes were launched but Accelerate runs each alone "
+                          f"({accelerator.state.distributed_type}, {accelerator.num_processes} process): on a machine "
+                          f"without GPUs set ACCELERATE_USE_CPU=true (DDP over gloo) or use a DeepSpeed launch file")
+
+
 def configure_deepspeed(accelerator, optim, world: int):
     """Batch size, accumulation and clipping come from the run config (``optim.*``); the shipped DeepSpeed JSONs leave
     them "auto". No DataLoader is prepared, so Accelerate cannot fill them: set them here. An explicit JSON value

@@ -236,6 +236,10 @@ def main(argv=None):
         log_with=tracker, step_scheduler_with_optimizer=False,  # one scheduler step per optimiser step, any world size
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
     dist.fix_cpu_deepspeed_ranks(accelerator)
+    try:
+        dist.check_world(accelerator)
+    except dist.LaunchError as e:
+        raise SystemExit(f"error: {e}") from None
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -290,9 +294,13 @@ def main(argv=None):
     if accelerator.is_main_process:
         ckpt.remove_partial(ckpt_dir)
         save_config(cfg, run_dir / "config.yaml")
-        log.info("model %s: %.2fM parameters; text encoder %s (%s); %d process(es) on %s; data: %d shards",
-                 cfg.model.size, accelerator.unwrap_model(model).num_parameters() / 1e6, cfg.text_encoder.name,
-                 "cached" if cfg.text_encoder.cache else "live", world, device.type, len(loader.urls))
+        engine = f"DeepSpeed ZeRO-{dist.zero_stage(accelerator)}" if under_deepspeed else \
+            ("DDP" if world > 1 else "one process")
+        log.info("model %s: %.2fM parameters; text encoder %s (%s); %d process(es) on %s, %s, precision %s, "
+                 "grad accumulation %d; data: %d shards", cfg.model.size,
+                 accelerator.unwrap_model(model).num_parameters() / 1e6, cfg.text_encoder.name,
+                 "cached" if cfg.text_encoder.cache else "live", world, device.type, engine, accelerator.mixed_precision,
+                 o.grad_accum, len(loader.urls))
     accelerator.init_trackers(cfg.logging.project, config=_flat(dataclasses.asdict(cfg)))
 
     net = network(model, None if weights_dtype == torch.float32 else weights_dtype, cfg.train.channels_last)

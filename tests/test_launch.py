@@ -1,0 +1,383 @@
+"""Every recipe the project ships runs: the launch matrix (each Accelerate launch file under launch/accelerate × the
+run configs × precision × gradient accumulation × EMA, in a pairwise design), launched the way users launch it
+(`accelerate launch --config_file FILE pipeline/train.py --config CONFIG`) on 2 CPU processes; fault injection for the
+NaN guard under DDP and ZeRO-2; launch files and configs that cannot work together; the SLURM script's arguments.
+
+On a CPU the multi-GPU launch file runs with ACCELERATE_USE_CPU=true (DDP over gloo, the stand-in for NCCL); the
+DeepSpeed ones run as shipped (DeepSpeed's CPU accelerator)."""
+
+import itertools
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data.write_shards import write_toy
+from pipeline import distributed as dist
+from pipeline import train
+from pipeline.checkpoint import load_exported
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_FILES = sorted(p.name for p in (ROOT / "launch" / "accelerate").glob("*.yaml"))
+CONFIGS = sorted(p.name for p in (ROOT / "launch" / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "shards"
+    write_toy(out, count=128, resolution=16, seed=0, max_samples=16)
+    return str(out / "{00000..00007}.tar")
+
+
+def launch_file(name: str) -> dict:
+    return yaml.safe_load((ROOT / "launch" / "accelerate" / name).read_text())
+
+
+def is_deepspeed(name: str) -> bool:
+    return launch_file(name)["distributed_type"] == "DEEPSPEED"
+
+
+def processes(name: str) -> int:
+    return 1 if launch_file(name)["distributed_type"] == "NO" else 2
+
+
+# Test-sized overrides per shipped config: its recipe (schedule, loss weighting, data mode, architecture shape, tracker)
+# kept, its sizes shrunk to a CPU (16 px toy shards, 4 images per rank, a narrow U-Net, the toy text tower).
+SHRINK = {
+    "demo.yaml": ["data.resolution=16", "data.num_workers=1", "data.shuffle_buffer=64", "optim.batch_size=4",
+                  "optim.warmup_steps=2"],
+    "base64.yaml": ["data.resolution=16", "data.min_size=16", "data.num_workers=1", "data.shuffle_buffer=64",
+                    "data.epoch_samples=1000", "optim.batch_size=4", "optim.warmup_steps=2",
+                    "model.overrides.base_channels=16", "model.overrides.head_channels=16", "text_encoder.name=toy-clip",
+                    "text_encoder.config_file=launch/configs/clip/toy-clip.json", "text_encoder.pretrained=null"],
+}
+COMMON = ["logging.every=1", "logging.sample_every=2", "logging.sample_steps=2", "logging.sample_per_prompt=1",
+          "checkpoint.every=2", "checkpoint.keep_last=4"]
+
+
+def merged(*overrides: str) -> list[str]:
+    """Overrides with a repeated key resolved to its last value (the job refuses a key given twice)."""
+    return list({o.split("=", 1)[0]: o for o in overrides}.values())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(file: str, script: Path, args: list[str], nproc: int | None = None, env_extra=None,
+                      ok=True, timeout=300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file launch/accelerate/FILE SCRIPT ARGS` on this CPU, 2 processes (1 for a
+    single-process launch file)."""
+    nproc = nproc or processes(file)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if launch_file(file)["distributed_type"] == "MULTI_GPU":
+        env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: the CPU stand-in for NCCL
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{file}",
+           "--num_processes", str(nproc)]
+    if nproc > 1:
+        cmd += ["--main_process_port", str(free_port())]
+    res = subprocess.run([*cmd, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-6000:]
+    return res
+
+
+# --- the matrix --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    launch: str
+    config: str
+    precision: str  # optim.mixed_precision
+    accum: int
+    ema: bool
+
+    @property
+    def id(self) -> str:
+        return f"{Path(self.launch).stem}-{Path(self.config).stem}-{self.precision}-accum{self.accum}-" \
+               f"ema_{'on' if self.ema else 'off'}"
+
+
+FACTORS = {"launch": LAUNCH_FILES, "config": CONFIGS, "precision": ["no", "bf16", "fp16"], "accum": [1, 2],
+           "ema": [True, False]}
+
+
+def valid(c: dict) -> bool:
+    """DeepSpeed has no fp16 on a CPU (refused before the first step: tested below); everything else must run."""
+    return not ("launch" in c and "precision" in c and c["precision"] == "fp16" and is_deepspeed(c["launch"]))
+
+
+def pairs(case: dict) -> set:
+    return {((a, case[a]), (b, case[b])) for a, b in itertools.combinations(FACTORS, 2)}
+
+
+def pairwise_cases() -> list[Case]:
+    """A greedy pairwise design: every value of each factor beside every value of every other factor at least once
+    (the valid pairs), in ~11 runs rather than the 96 of the full product."""
+    names = list(FACTORS)
+    full = [dict(zip(names, values)) for values in itertools.product(*FACTORS.values())]
+    full = [c for c in full if valid(c)]
+    uncovered = set().union(*(pairs(c) for c in full))
+    chosen = []
+    while uncovered:
+        best = max(full, key=lambda c: len(pairs(c) & uncovered))  # first of the best: deterministic
+        chosen.append(best)
+        uncovered -= pairs(best)
+    return [Case(**c) for c in chosen]
+
+
+CASES = pairwise_cases()
+
+
+def test_matrix_covers_every_pair_and_every_shipped_launch_file():
+    covered = set().union(*(pairs(vars(c)) for c in CASES))
+    for (a, va), (b, vb) in itertools.product(
+            ((a, v) for a in FACTORS for v in FACTORS[a]), ((b, v) for b in FACTORS for v in FACTORS[b])):
+        if a < b and valid({a: va, b: vb}):
+            assert ((a, va), (b, vb)) in covered or ((b, vb), (a, va)) in covered, (a, va, b, vb)
+    assert len(CASES) <= 12
+    # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
+    assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(CONFIGS)
+    jsons = {launch_file(c.launch).get("deepspeed_config", {}).get("deepspeed_config_file") for c in CASES}
+    assert {f"launch/deepspeed/{p.name}" for p in (ROOT / "launch" / "deepspeed").glob("*.json")} <= jsons
+    towers = {o.split("=", 1)[1] for c in CASES for o in SHRINK[c.config] if o.startswith("text_encoder.config_file=")}
+    towers |= {yaml.safe_load((ROOT / "launch" / "configs" / c.config).read_text())["text_encoder"].get("config_file")
+               for c in CASES}
+    assert {f"launch/configs/clip/{p.name}" for p in (ROOT / "launch" / "configs" / "clip").glob("*.json")} <= towers
+    # and every script under launch/ is named by some test (setup.sh: run by CI itself, before the tests)
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")) + (ROOT / ".ci" / "run").read_text()
+    for script in [*(ROOT / "launch").glob("*.sh"), *(ROOT / "launch" / "slurm").iterdir()]:
+        assert script.name in tests, f"launch/{script.relative_to(ROOT / 'launch')} is run by no test"
+
+
+def check_run(run: Path, case: Case, step: int, log: str):
+    ck = run / "checkpoints" / f"step_{step:08d}"
+    state = json.loads((ck / "train_state.json").read_text())
+    assert state["step"] == state["optimizer_steps"] == step and state["nan_skips"] == 0
+    ranks = [json.loads(p.read_text()) for p in sorted((ck / "data").glob("rank*.json"))]
+    world = processes(case.launch)
+    assert len(ranks) == world and all(r["world_size"] == world for r in ranks)  # really distributed
+    assert len({r["weights_fingerprint"] for r in ranks}) == 1  # identical replicas (ZeRO-3: gathered)
+    if world == 2:  # each rank its own samples
+        assert ranks[0]["last_keys"] and not set(ranks[0]["last_keys"]) & set(ranks[1]["last_keys"])
+    assert all(r["delivered"] == step * case.accum for r in ranks)  # batches per rank: accumulation happened
+    assert (ck / "pytorch_model").is_dir() == is_deepspeed(case.launch)  # DeepSpeed's own layout: its engine ran
+    assert (ck / "ema.safetensors").exists() == case.ema
+    engine = {"NO": "one process", "MULTI_GPU": "DDP"}.get(launch_file(case.launch)["distributed_type"])
+    if engine is None:
+        ds = json.loads((ROOT / launch_file(case.launch)["deepspeed_config"]["deepspeed_config_file"]).read_text())
+        engine = f"DeepSpeed ZeRO-{ds['zero_optimization']['stage']}"
+    assert f"{engine}, precision {case.precision}, grad accumulation {case.accum}" in log
+    assert (run / "model" / "unet_ema.safetensors").is_file() == case.ema
+    for ema in {False, case.ema}:  # the exported weights load into the U-Net, finite
+        unet, _, _, meta = load_exported(run / "model", ema=ema)
+        assert meta["step"] == step
+        assert all(torch.isfinite(v).all() for v in unet.state_dict().values())
+    assert (run / "samples" / f"step_{step:08d}.png").is_file()  # the sample grid (every rank under ZeRO-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_launch_matrix(case, shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", f"launch/configs/{case.config}", "--output-dir", str(run), *merged(
+        f"data.shards={shards}", *SHRINK[case.config], *COMMON, f"optim.mixed_precision={case.precision}",
+        f"optim.grad_accum={case.accum}", f"ema.enabled={str(case.ema).lower()}")]
+    res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "2"])
+    check_run(run, case, 2, res.stdout + res.stderr)
+    res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "3", "--resume", "latest"])
+    assert "resumed from" in res.stdout + res.stderr
+    check_run(run, case, 3, res.stdout + res.stderr)
+
+
+# --- fault injection: the NaN guard --------------------------------------------------------------------------------
+
+INJECT = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch
+from diffusion import GaussianDiffusion
+BAD = {bad!r}  # (rank, micro-step call) pairs whose loss is made NaN
+rank, calls = int(os.environ["RANK"]), [0]
+real = GaussianDiffusion.training_losses
+def training_losses(self, *a, **kw):
+    out = real(self, *a, **kw)
+    if (rank, calls[0]) in BAD:
+        out["loss"] = out["loss"] * float("nan")
+    calls[0] += 1
+    return out
+GaussianDiffusion.training_losses = training_losses
+from pipeline import train
+train.main(sys.argv[1:])
+"""
+
+# grad_accum = 2: call 2s + m is step s, micro-step m. NaN at micro-step 0 on one rank (step 1), at the last micro-step
+# on the other rank (step 2: the synchronising one), at micro-step 0 on both (step 4) and the last on both (step 5).
+BAD = {(0, 2), (1, 5), (0, 8), (1, 8), (0, 11), (1, 11)}
+SKIPPED = {1, 2, 4, 5}  # 0-based steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch,precision", [("8gpu_ddp.yaml", "no"), ("8gpu_zero2.yaml", "no"),
+                                              ("8gpu_zero2.yaml", "bf16")])
+def test_nan_guard_skips_the_whole_step_on_every_rank(launch, precision, shards, tmp_path):
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT.format(root=str(ROOT), bad=BAD))
+    run = tmp_path / "run"
+    res = accelerate_launch(launch, script, [
+        "--config", "launch/configs/demo.yaml", "--output-dir", str(run), "--max-steps", "8", *merged(
+            f"data.shards={shards}", *SHRINK["demo.yaml"], *COMMON, "logging.sample_every=0", "optim.grad_accum=2",
+            "optim.warmup_steps=5", f"optim.mixed_precision={precision}")])
+    log = res.stdout + res.stderr
+    # counted and logged, once per skipped step, saying where
+    for s, where in [(1, "micro-step 0 on 1 of 2"), (2, "micro-step 1 on 1 of 2"), (4, "micro-step 0 on 2 of 2"),
+                     (5, "micro-step 1 on 2 of 2")]:
+        assert f"non-finite loss at step {s} ({where} rank(s)): step skipped on every rank" in log
+    assert log.count("non-finite loss at step") == len(SKIPPED)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    taken = list(itertools.accumulate(int(s not in SKIPPED) for s in range(8)))
+    assert [m["optimizer_steps"] for m in metrics] == taken
+    assert [m["nan_skips"] for m in metrics] == list(itertools.accumulate(int(s in SKIPPED) for s in range(8)))
+    # the LR schedule follows the optimiser steps taken (warm-up 5: lr·k/5 after k steps), not the loop's steps
+    lr = 1e-3
+    assert [m["lr"] for m in metrics] == pytest.approx([lr * train.lr_factor(k, 5, 1500, "cosine", 0.1) for k in taken])
+    # the replicas stay identical, and a skipped step changes no weight (steps 5 and 6, 1-based, were skipped)
+    fingerprints = {}
+    for step in (2, 4, 6, 8):
+        ranks = [json.loads((run / "checkpoints" / f"step_{step:08d}" / "data" / f"rank{r}.json").read_text())
+                 for r in (0, 1)]
+        assert ranks[0]["weights_fingerprint"] == ranks[1]["weights_fingerprint"], step
+        fingerprints[step] = ranks[0]["weights_fingerprint"]
+    assert fingerprints[4] == fingerprints[6] != fingerprints[2] and fingerprints[8] != fingerprints[6]
+    state = json.loads((run / "checkpoints" / "step_00000008" / "train_state.json").read_text())
+    assert state["optimizer_steps"] == 4 and state["nan_skips"] == 4
+    assert "replicas diverged" not in log
+
+
+# --- launch files and configs that cannot work together: refused before the first step ------------------------------
+
+def refused(file: str, shards, tmp_path, *overrides, nproc=1) -> str:
+    run = tmp_path / "run"
+    res = accelerate_launch(file, ROOT / "pipeline" / "train.py", [
+        "--config", "launch/configs/demo.yaml", "--output-dir", str(run), "--max-steps", "2",
+        *merged(f"data.shards={shards}", *SHRINK["demo.yaml"], "logging.tracker=none", *overrides)], nproc=nproc, ok=False)
+    assert not list((run / "checkpoints").glob("step_*")) if (run / "checkpoints").exists() else True
+    return res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_incompatible_launches_are_refused_with_a_clear_message(shards, tmp_path):
+    log = refused("8gpu_zero2.yaml", shards, tmp_path / "fp16", "optim.mixed_precision=fp16")
+    assert "error: DeepSpeed has no fp16 on this device" in log and 'train.py", line' not in log  # no crash in the job
+    log = refused("8gpu_zero2.yaml", shards, tmp_path / "compile", "train.compile=true")
+    assert "error: train.compile=true is not supported under DeepSpeed" in log and 'train.py", line' not in log
+    # an explicit DeepSpeed batch size that contradicts optim.batch_size
+    ds = json.loads((ROOT / "launch" / "deepspeed" / "zero2.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 16
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    res = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
+         str(tmp_path / "ds.json"), "--num_processes", "1", "pipeline/train.py", "--config", "launch/configs/demo.yaml",
+         "--output-dir", str(tmp_path / "batch"), "--max-steps", "2", f"data.shards={shards}", *SHRINK["demo.yaml"],
+         "logging.tracker=none"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert res.returncode != 0
+    assert "the DeepSpeed config sets train_micro_batch_size_per_gpu=16 but the run config gives 4 (optim.batch_size)" \
+        in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_processes_that_would_each_train_alone_are_refused(shards, tmp_path):
+    """`accelerate launch` with the multi-GPU file on a machine without GPUs starts 2 processes that each see a world
+    of one: they would train apart and overwrite each other's checkpoints."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "launch/accelerate/8gpu_ddp.yaml",
+         "--num_processes", "2", "--main_process_port", str(free_port()), "pipeline/train.py", "--config",
+         "launch/configs/demo.yaml", "--output-dir", str(tmp_path / "run"), "--max-steps", "2",
+         f"data.shards={shards}", *SHRINK["demo.yaml"], "logging.tracker=none"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("GPUs here: the launch is a real DDP one")
+    assert res.returncode != 0
+    assert "2 processes were launched but Accelerate runs each alone" in res.stdout + res.stderr
+
+
+class _Plugin:
+    zero_stage = 3
+
+
+class _State:
+    deepspeed_plugin = _Plugin()
+
+
+class _Accelerator:
+    state = _State()
+
+
+def test_zero3_with_a_frozen_module_in_the_engine_is_refused():
+    cfg = train.config_from_args(train.parse_args(["--config", str(ROOT / "launch/configs/demo.yaml")]))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    dist.check_launch(cfg, _Accelerator(), model)  # all trainable: fine
+    model[0].requires_grad_(False)
+    with pytest.raises(dist.LaunchError, match=r"ZeRO-3 with frozen parameters inside the engine \(0.weight, 0.bias"):
+        dist.check_launch(cfg, _Accelerator(), model)
+
+
+# --- the SLURM script ----------------------------------------------------------------------------------------------
+
+STUBS = {
+    # srun: run the task once per node, as SLURM would, with that node's SLURM_NODEID
+    "srun": '#!/bin/bash\nwhile [[ $1 == -* ]]; do shift; done\n'
+            'for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n "$@" || exit 1; done\n',
+    "scontrol": '#!/bin/bash\necho node-a; echo node-b\n',
+    # accelerate: record the arguments it was given, one JSON list per node
+    "accelerate": f'#!{sys.executable}\nimport json, os, sys\n'
+                  'open(os.environ["STUB_LOG"] + "." + os.environ["SLURM_NODEID"], "w").write(json.dumps(sys.argv[1:]))\n',
+}
+
+
+def test_slurm_script_passes_overrides_intact(tmp_path):
+    """train_multinode.sbatch under stub srun/scontrol/accelerate: a quoted brace pattern and a value with spaces reach
+    pipeline/train.py as one argument each (no second shell expands them), each node gets its own rank, and a run
+    folder holding a checkpoint is resumed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in STUBS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    run_dir = tmp_path / "runs" / "t2i"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(tmp_path / "argv"),
+           "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_NAME": "t2i", "RUN_DIR": str(run_dir)}
+    overrides = ["data.shards=/data/laion/{00000..09999}.tar", "logging.sample_prompts=[a red bus, a corgi]"]
+
+    def submit():
+        subprocess.run(["bash", "launch/slurm/train_multinode.sbatch", "launch/configs/base64.yaml", *overrides],
+                       cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=60)
+        return [json.loads((tmp_path / f"argv.{n}").read_text()) for n in (0, 1)]
+
+    for node, argv in enumerate(submit()):
+        assert argv[0] == "launch"
+        launcher = argv[1:argv.index("pipeline/train.py")]
+        opts = dict(zip(launcher[::2], launcher[1::2]))
+        assert opts["--machine_rank"] == str(node) and opts["--num_machines"] == "2"
+        assert opts["--num_processes"] == "16" and opts["--main_process_ip"] == "node-a"
+        assert opts["--config_file"] == "launch/accelerate/8gpu_zero2.yaml"
+        args = train.parse_args(argv[argv.index("pipeline/train.py") + 1:])
+        assert args.overrides == overrides and args.resume is None and args.output_dir == str(run_dir)
+        cfg = train.config_from_args(args)
+        assert cfg.data.shards == "/data/laion/{00000..09999}.tar"
+        assert cfg.logging.sample_prompts == ["a red bus", "a corgi"]
+    (run_dir / "checkpoints" / "step_00000100").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000100" / "train_state.json").write_text("{}")
+    assert all(train.parse_args(a[a.index("pipeline/train.py") + 1:]).resume == "latest" for a in submit())
