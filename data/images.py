@@ -26,9 +26,12 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any mode to RGB. Transparency is composited on white; 16-bit and float images are rescaled, not
-    clipped (PIL's own ``convert("RGB")`` clips a 16-bit image to white)."""
+def _to_rgb(img: Image.Image, alpha: str = "white") -> Image.Image:
+    """Convert any mode to RGB. Transparency is composited on white (``alpha="white"``: what a web page shows) or
+    dropped (``alpha="drop"``: PIL's ``convert("RGB")``, what pytorch-fid and clean-fid do to a folder of images);
+    16-bit and float images are rescaled, not clipped (PIL's own ``convert("RGB")`` clips a 16-bit image to white)."""
+    if alpha not in ("white", "drop"):
+        raise ValueError(f"alpha must be 'white' or 'drop', got {alpha!r}")
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -36,18 +39,34 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
-    if img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if alpha == "white" and (img.mode == "P" and "transparency" in img.info or img.mode in ("RGBA", "LA", "PA", "La", "RGBa")):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Image:
+def image_keys() -> tuple[str, ...]:
+    """The sample keys (file extensions) that hold an image: every extension Pillow can open (TIFF, GIF, BMP, ...),
+    the common web formats first (the one read when a sample holds several). Pillow's stub formats (which need an
+    outside handler: BUFR, GRIB, HDF5), EPS (Ghostscript) and MPEG (header only) are left out."""
+    from PIL import ImageFile
+
+    Image.init()
+    readable = {fmt for fmt, (factory, _) in Image.OPEN.items()
+                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    readable -= {"EPS", "MPEG"}
+    first = ("jpg", "jpeg", "png", "webp")
+    rest = sorted({ext.lstrip(".") for ext, fmt in Image.EXTENSION.items() if fmt in readable} - set(first))
+    return first + tuple(rest)
+
+
+def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str = "white") -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, fully loaded (a truncated file fails here, not later).
 
     ``draft_size``: let the JPEG decoder downscale by a power of two while the shorter side stays ≥ this
-    (DCT-domain scaling: much faster for big photos; the final resize still sets the exact size)."""
+    (DCT-domain scaling: much faster for big photos; the final resize still sets the exact size).
+    ``alpha``: transparency composited on "white" or dropped ("drop", as pytorch-fid reads a folder)."""
     if data is None:
         raise BadSample("missing_image")
     if len(data) == 0:
@@ -62,7 +81,7 @@ def decode_image(data: bytes | None, draft_size: int | None = None) -> Image.Ima
                 if scale >= 2:
                     img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
             img.load()
-            return _to_rgb(img)
+            return _to_rgb(img, alpha)
     except UnidentifiedImageError as e:
         raise BadSample("not_an_image", str(e)) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:

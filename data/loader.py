@@ -35,10 +35,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from .images import FILTERS, BadSample, decode_image, resize_crop
+from .images import FILTERS, BadSample, decode_image, image_keys, resize_crop
 
 log = logging.getLogger(__name__)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
+IMAGE_KEYS = image_keys()
 FILTERED = ("too_small", "bad_aspect", "empty_caption")  # skipped on purpose: do not count as failures
 MIN_SAMPLES_FOR_FRACTION = 100  # judge the failed fraction only once this many samples were tried
 

@@ -52,10 +52,12 @@ def list_images(folder: str | Path) -> list[Path]:
 
 
 def load_folder(files: list[Path], skipped: Counter):
-    """(index, PIL RGB image) for every readable file; unreadable ones are counted, not fatal."""
+    """(index, PIL RGB image) for every readable file; unreadable ones are counted, not fatal. Transparency is
+    dropped, as pytorch-fid and clean-fid read a folder (PIL's convert("RGB")), so FIDs of one folder agree; 16-bit
+    images are rescaled where they clip to white."""
     for i, path in enumerate(files):
         try:
-            yield i, decode_image(path.read_bytes())
+            yield i, decode_image(path.read_bytes(), alpha="drop")
         except BadSample as bad:
             skipped[bad.reason] += 1
             log.warning("skipping %s: %s", path, bad)

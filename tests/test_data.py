@@ -33,6 +33,12 @@ def _jpg(img, **kw):
     return buf.getvalue()
 
 
+def _encode(img, fmt):
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
 def _add(tar, name, data: bytes):
     info = tarfile.TarInfo(name)
     info.size = len(data)
@@ -272,6 +278,8 @@ def bad_shards(tmp_path_factory):
         "one_pixel": ("png", _png(Image.new("RGB", (1, 1), (0, 0, 255)))),
         "sixteen_bit": ("png", _png(Image.fromarray(np.full((20, 20), 32768, np.uint16)))),
         "rgba": ("png", _png(Image.new("RGBA", (20, 20), (0, 255, 0, 128)))),
+        "tiff": ("tif", _encode(rgb, "TIFF")),  # any format Pillow reads is an image, not a missing one
+        "gif": ("gif", _encode(rgb, "GIF")),
     }
     pal = Image.new("P", (20, 20), 0)
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
@@ -328,6 +336,11 @@ def test_odd_modes_convert_correctly(bad_shards):
     pal.info["transparency"] = 0
     arr = np.asarray(decode_image(_png(pal)))
     assert arr[0, 0].tolist() == [255, 255, 255] and arr[0, 1].tolist() == [255, 0, 0]  # transparent → white
+    arr = np.asarray(decode_image(_png(pal), alpha="drop"))  # transparency dropped, as pytorch-fid reads a folder
+    assert arr[0, 0].tolist() == [0, 0, 0] and arr[0, 1].tolist() == [255, 0, 0]
+    rgba = _png(Image.new("RGBA", (2, 2), (0, 200, 0, 64)))
+    assert np.asarray(decode_image(rgba))[0, 0].tolist() == [191, 241, 191]  # on white: 255 + (c − 255)·64/255
+    assert np.asarray(decode_image(rgba, alpha="drop"))[0, 0].tolist() == [0, 200, 0]
     cmyk = np.asarray(decode_image(_jpg(Image.new("CMYK", (8, 8), (0, 255, 255, 0)))))
     assert cmyk[..., 0].mean() > 200 and cmyk[..., 1:].mean() < 60  # CMYK red stays red
 

@@ -102,6 +102,23 @@ def test_fid_equals_pytorch_fid_and_npz_interchange(folders, inception_weights, 
     assert abs(same) < 1e-6 * ours
 
 
+def test_fid_of_rgba_folders_equals_pytorch_fid(folders, inception_weights, tmp_path):
+    """PNGs with an alpha channel: read as pytorch-fid reads them (PIL's convert("RGB") drops the alpha), not
+    composited on white, so FID of the same folders is the same number."""
+    a, b = folders
+    for src in (a, b):
+        dst = tmp_path / f"{src.name}_rgba"
+        dst.mkdir()
+        for i, path in enumerate(sorted(src.glob("*.png"))):
+            img = Image.open(path).convert("RGBA")
+            img.putalpha(Image.fromarray(np.full(img.size[::-1], 40 + 15 * i, np.uint8)))
+            img.save(dst / path.name)
+    ours = evaluate.main(["fid", str(tmp_path / "a_rgba"), str(tmp_path / "b_rgba"), "--inception-weights",
+                          str(inception_weights), "--json"])["fid"]
+    ref = pytorch_fid(tmp_path / "a_rgba", tmp_path / "b_rgba", inception_weights, tmp_path)
+    assert ref > 1e-3 and abs(ours - ref) / ref < 1e-3, (ours, ref)
+
+
 def test_features_equal_pytorch_fids_network_with_batch_norms_folded(tmp_path):
     """Our extractor folds the BatchNorms into the convolutions and runs channels_last: the features must still equal
     pytorch-fid's own InceptionV3 on the same file — here with non-trivial BatchNorm statistics, which the random
