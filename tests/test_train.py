@@ -2,6 +2,7 @@
 precomputed embeddings, and a compiled 2-process DDP run (the launch files × precision × accumulation × EMA:
 test_launch.py)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -147,6 +148,72 @@ def test_gradient_accumulation(shards, tmp_path):
     raw, init = weights(run / "model" / "unet.safetensors"), train.UNet(train.model_config("tiny", context_dim=64,
                                                                                          pooled_dim=64)).state_dict()
     assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the optimiser stepped
+
+
+def test_gradient_accumulation_equals_one_large_batch(shards, tmp_path, monkeypatch):
+    """8 images × 2 micro-steps is one step on 16 images: the same losses, gradient norms and weights. Each image's
+    timestep and noise are keyed by its pixels, so both runs draw the same ones whatever the batching."""
+    from diffusion.gaussian import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+
+    def keyed(self, model, x0, cond=None, t=None, noise=None, generator=None):
+        gens = [torch.Generator().manual_seed(int(hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest()[:15], 16))
+                for x in x0]
+        t = torch.cat([self.sample_timesteps(1, generator=g) for g in gens]).to(x0.device)
+        noise = torch.stack([torch.randn(x.shape, generator=g) for x, g in zip(x0, gens)]).to(x0)
+        return real(self, model, x0, cond, t=t, noise=noise)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", keyed)
+    runs = {}
+    for name, batch, accum in [("big", 16, 1), ("accum", 8, 2)]:
+        runs[name] = tmp_path / name
+        train.main(small(shards, runs[name], "--max-steps", "3", "logging.every=1", "data.num_workers=1",
+                         "train.caption_dropout=0", f"optim.batch_size={batch}", f"optim.grad_accum={accum}"))
+    big, acc = ([json.loads(line) for line in (runs[n] / "metrics.jsonl").read_text().splitlines()] for n in runs)
+    assert [m["step"] for m in big] == [m["step"] for m in acc] == [1, 2, 3]
+    keys = [json.loads((runs[n] / "checkpoints" / "step_00000003" / "data" / "rank0.json").read_text())["last_keys"]
+            for n in runs]
+    assert keys[0][8:] == keys[1]  # the same images, in the same order
+    for b, a in zip(big, acc):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # the accumulated gradient is the mean
+    w_big, w_acc = (weights(runs[n] / "model" / "unet.safetensors") for n in runs)
+    assert_same(w_big, w_acc, tol=4e-3)  # Adam's first steps are ±lr per weight: a flipped sign of a ~0 gradient
+    close = sum(int(((w_big[k] - w_acc[k]).abs() < 1e-5).sum()) for k in w_big)
+    assert close / sum(v.numel() for v in w_big.values()) > 0.99
+
+
+@pytest.mark.parametrize("decay,power,inv_gamma,start,every", [(0.9, 0.75, 1.0, 0, 1), (0.999, 2 / 3, 2.0, 3, 1),
+                                                               (0.95, 1.0, 1.0, 2, 2)])
+def test_ema_update_follows_its_formula(decay, power, inv_gamma, start, every):
+    """k-th update (k = 1, 2, ...): the first, and those up to start_step, copy; then, every update_every-th,
+    θ_ema ← d θ_ema + (1 − d) θ with d = min(decay, 1 − (1 + (k − 1 − start)/inv_gamma)^(−power)). The online
+    weights are bf16 (DeepSpeed's casts): the EMA stays fp32."""
+    from types import SimpleNamespace
+
+    from pipeline.config import EMASection
+
+    model = torch.nn.Linear(3, 2)
+    ema = train.build_ema(model, EMASection(decay=decay, power=power, inv_gamma=inv_gamma, start_step=start,
+                                            update_every=every))
+    model.to(torch.bfloat16)
+    no_deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None))
+    gen = torch.Generator().manual_seed(0)
+    expected = None
+    for n in range(12):  # n = k − 1
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3, generator=gen))
+        train.update_ema(ema, model, no_deepspeed)
+        w = model.weight.detach().double()
+        if n == 0 or (n % every == 0 and n <= start):
+            expected = w.clone()
+        elif n % every == 0:
+            d = min(decay, max(0.0, 1 - (1 + (n - start) / inv_gamma) ** -power))
+            expected = d * expected + (1 - d) * w
+        got = ema.ema_model.weight
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
 def _nan_losses(monkeypatch, bad_steps):
