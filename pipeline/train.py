@@ -150,7 +150,7 @@ def backward(accelerator, loss: torch.Tensor, window_ok: bool, under_deepspeed: 
     all-reduce is never half-entered); its gradients are dropped at the window's end. DeepSpeed reduces gradients
     inside every backward (ZeRO-2/3) and steps inside the last one, so every rank runs every backward; such a window
     gets NaN gradients on every rank, which DeepSpeed's own check (a non-finite gradient norm) turns into a skipped
-    step, its gradients dropped and its LR scheduler not stepped."""
+    step, its gradients dropped (the LR scheduler is ours, stepped only on steps taken)."""
     if under_deepspeed:
         accelerator.backward(loss if window_ok else loss * float("nan"))
     elif window_ok:
@@ -167,10 +167,12 @@ def optimizer_step(accelerator, model, optimizer, window_ok: bool, grad_clip: fl
         return stepped, model.get_global_grad_norm() if stepped else None
     stepped, norm = False, None
     if window_ok:
-        if grad_clip > 0:
-            norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        stepped = not accelerator.optimizer_step_was_skipped  # fp16's loss scaler skips inf/NaN gradients
+        # The norm of the all-reduced gradient (the same on every rank); clip_grad_norm_ at max_norm = ∞ measures only.
+        norm = accelerator.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+        if accelerator.scaler is not None or torch.isfinite(norm):
+            optimizer.step()
+            stepped = not accelerator.optimizer_step_was_skipped  # fp16's loss scaler skips inf/NaN gradients
+        # else: inf/NaN gradients from finite losses (fp32/bf16 have no scaler to catch them): skipped on every rank
     optimizer.zero_grad(set_to_none=True)
     return stepped, norm
 
@@ -183,7 +185,7 @@ class Counts:
     step: int = 0
     optimizer_steps: int = 0
     nan_skips: int = 0  # steps skipped on every rank for a non-finite loss (any rank, any micro-step)
-    overflow_skips: int = 0  # steps fp16's loss scaler skipped (inf/NaN gradients from a finite loss)
+    overflow_skips: int = 0  # steps skipped for inf/NaN gradients from finite losses (fp16's scaler, or the check)
     nan_in_row: int = 0
     dropped: int = 0  # captions replaced by "" (caption dropout)
     seen: int = 0
@@ -314,6 +316,7 @@ def main(argv=None):
     while counts.step < cfg.train.max_steps:
         step = counts.step
         window_ok, bad_at = True, []  # every micro-step's loss finite on every rank; (micro-step, ranks) where not
+        window_loss = torch.zeros((), device=device)
         for micro in range(o.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -331,30 +334,33 @@ def main(argv=None):
                     loss = diffusion.training_losses(net, x0, cond, generator=noise_gen)["loss"].mean()
                 finite, bad_ranks = dist.finite_everywhere(accelerator, loss)  # the one host sync per micro-step
                 if finite:
-                    loss_sum += loss.detach()
-                    losses_summed += 1
+                    window_loss += loss.detach()
                 else:
                     window_ok = False
                     bad_at.append((micro, bad_ranks))
                 backward(accelerator, loss, window_ok, under_deepspeed)
         stepped, norm = optimizer_step(accelerator, model, optimizer, window_ok, o.grad_clip, under_deepspeed)
         if stepped:
-            scheduler.step()  # under DeepSpeed its engine stepped it already (Accelerate's wrapper does nothing)
+            scheduler.step()  # ours alone (DeepSpeed's engine is given no scheduler): it follows the steps taken
             update_ema(ema, accelerator.unwrap_model(model), accelerator)
             if norm is not None:
                 grad_norm_sum += norm.detach().float() if torch.is_tensor(norm) else float(norm)
                 norms_summed += 1
+        if window_ok:  # the logged loss: of the windows trained on
+            loss_sum += window_loss
+            losses_summed += o.grad_accum
         counts.taken(stepped, window_ok)
         if not window_ok:
             if accelerator.is_main_process:  # every rank knows, one says it
                 where = ", ".join(f"micro-step {m} on {r} of {world} rank(s)" for m, r in bad_at)
-                log.warning("non-finite loss at step %d (%s): step skipped on every rank (%d in a row)", step, where,
-                            counts.nan_in_row)
+                log.warning("non-finite loss at step %d (%s): step skipped on every rank (%d in a row)", step + 1,
+                            where, counts.nan_in_row)
             if counts.nan_in_row >= cfg.train.max_nan_in_row:
                 raise RuntimeError(f"{counts.nan_in_row} non-finite losses in a row (train.max_nan_in_row): stopping. "
                                    f"Lower optim.lr, use bf16 rather than fp16, or resume from an earlier checkpoint.")
         elif not stepped:
-            log.info("step %d skipped by the loss scaler (inf/NaN gradients in fp16; it lowers the scale)", step)
+            log.info("step %d skipped: inf/NaN gradients from finite losses (in fp16 the loss scaler lowers its scale)",
+                     step + 1)
         bar.update(1)
         step = counts.step
 
@@ -371,8 +377,8 @@ def main(argv=None):
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
             log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped steps %d "
-                     "(non-finite loss) + %d (loss scaler), skipped samples %s", step, metrics["loss"], metrics["lr"],
-                     metrics["grad_norm"], metrics["images_per_s"], 100 * metrics["data_wait_fraction"],
+                     "(non-finite loss) + %d (non-finite gradients), skipped samples %s", step, metrics["loss"],
+                     metrics["lr"], metrics["grad_norm"], metrics["images_per_s"], 100 * metrics["data_wait_fraction"],
                      counts.nan_skips, counts.overflow_skips, skipped or "none")
             loss_sum.zero_()
             grad_norm_sum.zero_()
@@ -401,7 +407,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         ckpt.export_model(run_dir / "model", unet_state, ema.ema_model.state_dict() if ema is not None else None,
                           unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, counts.step)
-        log.info("done: %d steps (%d optimiser steps; skipped: %d for non-finite loss, %d by the loss scaler); "
+        log.info("done: %d steps (%d optimiser steps; skipped: %d for non-finite loss, %d for non-finite gradients); "
                  "caption dropout %.3f; skipped samples %s", counts.step, counts.optimizer_steps, counts.nan_skips,
                  counts.overflow_skips, counts.dropped / max(1, counts.seen), loader.skipped or "none")
     accelerator.end_training()

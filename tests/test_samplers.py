@@ -95,14 +95,15 @@ DEFAULT_STEPS_BUDGET = {"ddpm": 0.02, "ddim": 0.07, "euler_maruyama": 0.02, "heu
                         "langevin": 0.07, "pc": 0.02}
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])  # float32: as sampled
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_zero_terminal_snr_every_sampler_at_default_steps(name, schedule):
+def test_zero_terminal_snr_every_sampler_at_default_steps(name, schedule, dtype):
     """ᾱ_T = 0: no NaN (the linear schedule has steps with 0 < ᾱ < 2⁻²⁴ next to it), and x̂_0 is not lost in the
     first step from σ = ∞ (Heun); mean and spread within each sampler's own default-steps error."""
     d = GaussianDiffusion.from_config(DiffusionConfig(prediction="v", zero_terminal_snr=True, schedule=schedule))
     model = GaussianMixtureModel(d, MU[None], [S])
-    x = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # p_T is exactly N(0, I)
+    x = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)  # p_T is exactly N(0, I)
     out = sample(name, model, x, d, generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(out).all()
     assert (out.mean(0) - MU).abs().max() < 4 * S / math.sqrt(N) + 0.01 * S, out.mean(0)

@@ -246,6 +246,46 @@ def test_nan_guard_skips_then_stops(shards, tmp_path, monkeypatch):
         train.main(small(shards, tmp_path / "stops", "--max-steps", "20", "train.max_nan_in_row=3"))
 
 
+class _InfGradient(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward: a finite loss whose gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_non_finite_gradients_of_a_finite_loss_skip_the_step(shards, tmp_path, monkeypatch):
+    """fp32 has no loss scaler to catch them: the step is skipped (weights untouched), counted as overflow_skips, and
+    the grad norm is logged with clipping off (measured at max_norm = ∞)."""
+    from diffusion.gaussian import GaussianDiffusion
+
+    real, calls = GaussianDiffusion.training_losses, {"n": 0}
+
+    def patched(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if calls["n"] in {2, 3}:  # steps 3 and 4 (1-based)
+            out["loss"] = _InfGradient.apply(out["loss"])
+        calls["n"] += 1
+        return out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", patched)
+    run = tmp_path / "run"
+    train.main(small(shards, run, "--max-steps", "6", "logging.every=1", "checkpoint.every=2", "checkpoint.keep_last=4",
+                     "optim.grad_clip=0"))
+    state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
+    assert state["overflow_skips"] == 2 and state["nan_skips"] == 0 and state["optimizer_steps"] == 4
+    assert all(torch.isfinite(v).all() for v in weights(run / "model" / "unet.safetensors").values())
+    assert_same(weights(run / "checkpoints" / "step_00000002" / "model.safetensors"),
+                weights(run / "checkpoints" / "step_00000004" / "model.safetensors"))  # steps 3, 4 changed nothing
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["optimizer_steps"] for m in metrics] == [1, 2, 2, 2, 3, 4]
+    assert all(m["grad_norm"] > 0 for i, m in enumerate(metrics) if i not in (2, 3))
+
+
 KILL_DURING_SAVE = """
 import os, sys
 sys.path.insert(0, {root!r})
