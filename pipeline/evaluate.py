@@ -34,6 +34,7 @@ from data.images import BadSample, decode_image, resize_crop  # noqa: E402
 from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
 from metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats  # noqa: E402
 from metrics.prdc import precision_recall  # noqa: E402
+from metrics.toy_attributes import attribute_accuracy  # noqa: E402
 
 log = logging.getLogger("evaluate")
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
@@ -63,11 +64,12 @@ def load_folder(files: list[Path], skipped: Counter):
             log.warning("skipping %s: %s", path, bad)
 
 
-def load_shards(spec: str, resolution: int, limit: int, skipped: Counter):
-    """(index, PIL image resized and centre-cropped like the training data) from shards, up to ``limit`` images."""
+def load_shards(spec: str, resolution: int, limit: int, skipped: Counter, captions: bool = False):
+    """(index, PIL image resized and centre-cropped like the training data[, caption]) from shards, up to ``limit``
+    samples (with ``captions``: only samples whose caption reads, as the training loader would take them)."""
     from PIL import Image
 
-    from data.loader import IMAGE_KEYS, read_shard, resolve_shards
+    from data.loader import IMAGE_KEYS, caption_of, read_shard, resolve_shards
 
     n = 0
     for url in resolve_shards(spec):
@@ -78,11 +80,12 @@ def load_shards(spec: str, resolution: int, limit: int, skipped: Counter):
             try:
                 if ext is None:
                     raise BadSample("missing_image")
+                caption = caption_of(raw, ["txt", "json.caption"]) if captions else None
                 arr = resize_crop(decode_image(raw[ext]), resolution)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 continue
-            yield n, Image.fromarray(arr)
+            yield (n, Image.fromarray(arr), caption) if captions else (n, Image.fromarray(arr))
             n += 1
 
 
@@ -267,13 +270,18 @@ def cmd_run(args) -> dict:
                                                    scorer.identity).items() if k != "n"})
             if ref_feats is not None:
                 row.update(precision_recall(ref_feats, feats, k=3, density_coverage=args.density_coverage))
+            accuracy = attribute_accuracy([im for _, im in pairs], [captions[i] for i, _ in pairs])
+            if accuracy is not None:  # toy captions: which attributes the images follow
+                row.update({f"attr_{k}": v for k, v in accuracy.items()})
         rows.append(row)
         log.info("guidance %g: %s", g, {k: v for k, v in row.items() if k != "clip_model"})
+    real = real_row(args.ref, meta["resolution"], len(captions), scorer) if state.is_main_process else None
     result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "sampler": args.sampler,
               "steps": args.steps, "num_images": len(captions), "reference": args.ref, "reference_skipped":
               dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
               scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
-              "not computed: the reference is an .npz without features", "results": rows}
+              "not computed: the reference is an .npz without features", "results": rows,
+              "real": real}
     if state.is_main_process:
         (out / "results.json").write_text(json.dumps(result, indent=1))
         keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -283,6 +291,24 @@ def cmd_run(args) -> dict:
             writer.writerows(rows)
         plot(rows, fd_name, out / "fid_vs_clip.png", extractor.identity, scorer.identity)
     return result
+
+
+def real_row(ref: str, resolution: int, limit: int, scorer) -> dict | None:
+    """The same metrics for real images (the reference shards' own images and captions, as many as were generated):
+    what a perfect model would score here. None when the reference is not shards."""
+    if not (".tar" in ref or "{" in ref):
+        return None
+    skipped: Counter = Counter()
+    samples = list(load_shards(ref, resolution, limit, skipped, captions=True))
+    if not samples:
+        return None
+    images, captions = [im for _, im, _ in samples], [c for _, _, c in samples]
+    row = {"n": len(samples), **{k: v for k, v in summarize(scorer.cosines(images, captions), scorer.identity).items()
+                                 if k != "n"}}
+    accuracy = attribute_accuracy(images, captions)
+    if accuracy is not None:
+        row.update({f"attr_{k}": v for k, v in accuracy.items()})
+    return row
 
 
 def plot(rows: list[dict], fd_name: str, path: Path, fd_features: str, clip_model: str):

@@ -272,6 +272,17 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
         assert r["n"] == 6 and r["fid"] > 0 and {"clip_score", "clip_cosine_mean", "precision", "recall"} <= r.keys()
     assert (out / "results.csv").read_text().splitlines()[0].startswith("guidance,n,fid")
     assert Image.open(out / "fid_vs_clip.png").size[0] > 100
+    # toy captions: per-attribute accuracy of each guidance scale's images, and the real held-out images' row
+    from metrics.toy_attributes import ATTRIBUTES, attribute_accuracy
+
+    captions = evaluate.read_captions(str(tmp_path / "held_out" / "00000.tar"), 6)
+    for r in rows:
+        files = sorted((out / f"guidance_{r['guidance']:g}" / "images").glob("*.png"))
+        want = attribute_accuracy([Image.open(f) for f in files], captions)
+        assert {f"attr_{k}": v for k, v in want.items()} == {k: r[k] for k in r if k.startswith("attr_")}
+    real = first["real"]
+    assert real["n"] == 6 and real["clip_score"] >= 0
+    assert all(real[f"attr_{a}"] == 1.0 for a in ATTRIBUTES) and real["attr_all"] == 1.0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts}
     assert len(stamps) == 12
     second = evaluate.main(argv)

@@ -32,8 +32,13 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     for png in ("loss.png", "eval/fid_vs_clip.png"):
         assert Image.open(out / png).size[0] > 100
     report = (out / "report.md").read_text()
-    for needle in ("loss.png", "samples/grid.png", "eval/fid_vs_clip.png", "| guidance |", "not FID"):
+    for needle in ("loss.png", "samples/grid.png", "eval/fid_vs_clip.png", "| guidance |", "not FID",
+                   "| real held-out images |", "Does each image follow its caption?"):
         assert needle in report, needle
+    real = results["real"]  # the held-out images themselves: every attribute read right
+    assert real["n"] == 8 and real["attr_all"] == 1.0
+    row = next(line for line in report.splitlines() if line.startswith("| real held-out images | 100%"))
+    assert row.count("100%") == 6
     # idempotent: a second run reuses everything and only rewrites the report
     again = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
