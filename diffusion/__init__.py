@@ -1,5 +1,5 @@
 """The diffusion process behind a narrow interface: schedules, the Gaussian forward process and its posterior,
-the training loss, samplers and classifier-free guidance (the math of the seeds, cited where used)."""
+the training loss, samplers and classifier-free guidance (the math of the papers cited where it is used)."""
 
 from .gaussian import DiffusionConfig, GaussianDiffusion
 from .guidance import Denoiser, Guidance

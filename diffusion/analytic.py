@@ -2,7 +2,7 @@
 
 For x_0 ~ Σ_k π_k N(μ_k, s_k² I), the forward marginal is p_t = Σ_k π_k N(√ᾱ_t μ_k, v_k I) with
 v_k = ᾱ_t s_k² + 1 − ᾱ_t, so the score is ∇log p_t(x) = Σ_k r_k(x) · (√ᾱ_t μ_k − x)/v_k with responsibilities
-r_k ∝ π_k N(x; √ᾱ_t μ_k, v_k I), and the optimal ε-predictor is ε*(x, t) = −√(1−ᾱ_t) ∇log p_t(x) (seed 002).
+r_k ∝ π_k N(x; √ᾱ_t μ_k, v_k I), and the optimal ε-predictor is ε*(x, t) = −√(1−ᾱ_t) ∇log p_t(x) (Song et al. 2021).
 """
 
 from __future__ import annotations

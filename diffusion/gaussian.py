@@ -1,16 +1,16 @@
 """The Gaussian diffusion process: forward marginals, the posterior, parameterisations and the training loss.
 
-Notation follows the seeds (001 / 002 / 004) with 0-based timesteps: index t ∈ {0, …, T−1} is the seeds' n = t + 1.
+Notation follows Ho et al. 2020 with 0-based timesteps: index t ∈ {0, …, T−1} is the papers' 1-based n = t + 1.
 
-- forward marginal      q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)                                 (seed 001, eq. for q(z_n))
+- forward marginal      q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)                                 (Ho et al. 2020, eq. 4)
 - posterior             q(x_{t−1} | x_t, x_0) = N(μ̃, β̃ I),
                         μ̃ = √α_t (1−ᾱ_{t−1})/(1−ᾱ_t) · x_t + √ᾱ_{t−1} β_t/(1−ᾱ_t) · x_0,
-                        β̃ = (1−ᾱ_{t−1})/(1−ᾱ_t) · β_t                                            (seed 001)
-- x̂_0 from ε̂            x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t                                        (seed 001, sampling)
-- score                 ∇ log q(x_t | x_0) = −ε / √(1−ᾱ_t)                                      (seed 002)
+                        β̃ = (1−ᾱ_{t−1})/(1−ᾱ_t) · β_t                                            (Ho et al. 2020, eq. 7)
+- x̂_0 from ε̂            x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t                                        (Ho et al. 2020, eq. 15)
+- score                 ∇ log q(x_t | x_0) = −ε / √(1−ᾱ_t)                                      (Vincent 2011; Song et al. 2021)
 - v-prediction          v = √ᾱ_t ε − √(1−ᾱ_t) x_0  (Salimans & Ho 2022)
 - loss                  E[c_t ‖ε − ε_θ(x_t, t)‖²], c_t = 1 (simple) or the ELBO weight
-                        c_n = β_n² / (2 β̃_n α_n (1−ᾱ_n))                                         (seed 001)
+                        c_n = β_n² / (2 β̃_n α_n (1−ᾱ_n))                                         (Ho et al. 2020, eq. 12)
 
 The posterior is written between any two timesteps s < t (α_{t|s} = ᾱ_t/ᾱ_s), which reduces to the
 seed's one-step formula for s = t − 1 and is what lets every sampler run on a subset of the T steps.
@@ -110,7 +110,7 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # ᾱ_t
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])  # ᾱ_{t−1}, ᾱ_{−1} = 1
         self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # SNR_t = ᾱ_t / (1 − ᾱ_t)
-        # β̃_t (seed 001). β̃_0 = 0: the last reverse step is deterministic.
+        # β̃_t (Ho et al. 2020, eq. 7). β̃_0 = 0: the last reverse step is deterministic.
         self.posterior_variance = (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod) * betas
 
     @classmethod
@@ -137,7 +137,7 @@ class GaussianDiffusion:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor | int):
-        """Mean μ̃ and variance β̃ of q(x_{t−1} | x_t, x_0) exactly as seed 001 derives them."""
+        """Mean μ̃ and variance β̃ of q(x_{t−1} | x_t, x_0) exactly as Ho et al. 2020 (eq. 6–7) derive them."""
         t = self._t(t, xt)
         ab, ab_prev = _expand(self.alphas_cumprod, t, xt), _expand(self.alphas_cumprod_prev, t, xt)
         beta, alpha = _expand(self.betas, t, xt), _expand(self.alphas, t, xt)
@@ -154,7 +154,7 @@ class GaussianDiffusion:
         return _expand(table, t + 1, like)
 
     def x0_from_eps(self, xt, t, eps):
-        """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (seed 001)."""
+        """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (Ho et al. 2020, eq. 15)."""
         ab = self.alpha_bar(t, xt)
         return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
 
@@ -179,7 +179,7 @@ class GaussianDiffusion:
         return (1 - ab).sqrt() * xt + ab.sqrt() * v
 
     def score_from_eps(self, xt, t, eps):
-        """s(x_t, t) = −ε / √(1−ᾱ_t) (seed 002: ∇ log q(x_t | x_0) = −ε/σ_t)."""
+        """s(x_t, t) = −ε / √(1−ᾱ_t) (Vincent 2011; Song et al. 2021: ∇ log q(x_t | x_0) = −ε/σ_t)."""
         return -eps / (1 - self.alpha_bar(t, xt)).sqrt()
 
     def split_output(self, output: torch.Tensor, xt: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +192,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training
     def sample_timesteps(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """t ~ U{0, …, T−1} (seed 001: n ~ Uniform(1, N)); int64 of shape (B,)."""
+        """t ~ U{0, …, T−1} (Ho et al. 2020, Algorithm 1: t ~ Uniform({1, …, T})); int64 of shape (B,)."""
         return torch.randint(0, self.num_steps, (batch_size,), device=device, generator=generator)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
@@ -201,8 +201,8 @@ class GaussianDiffusion:
         Every weighting is fixed by its weight on ‖x_0 − x̂_0‖², then converted using
         ‖ε − ε̂‖² = SNR ‖x_0 − x̂_0‖² and ‖v − v̂‖² = (SNR + 1) ‖x_0 − x̂_0‖²:
 
-        - simple: 1 on the native target (c_n = 1 for ε, seed 001's default);
-        - elbo: c_n ‖ε − ε̂‖², c_n = β_n² / (2 σ_n² α_n (1−ᾱ_n)) with σ_n² = β̃_n (seed 001). For the first
+        - simple: 1 on the native target (c_n = 1 for ε, Ho et al. 2020's L_simple);
+        - elbo: c_n ‖ε − ε̂‖², c_n = β_n² / (2 σ_n² α_n (1−ᾱ_n)) with σ_n² = β̃_n (Ho et al. 2020, eq. 12). For the first
           step β̃ = 0, so σ² is clipped to β̃ of the second step (improved-diffusion's clipped log-variance);
         - min_snr: min(SNR, γ) ‖x_0 − x̂_0‖² (Hang et al. 2023).
         """

@@ -1,4 +1,4 @@
-"""Classifier-free guidance, as a wrapper around any model (seed 001, "classifier-free guidance"; Ho & Salimans 2022).
+"""Classifier-free guidance, as a wrapper around any model (Ho & Salimans 2022).
 
 ε̂ = ε_u + w (ε_c − ε_u): w = 0 is the unconditional model, w = 1 the conditional one, w > 1 pushes
 samples toward the condition. The unconditional branch sees ``Guidance.uncond``: the empty caption, or a

@@ -12,8 +12,8 @@
   the other images of its batch.
 - callback: called after every step as ``callback(i, t, x, x0)`` (i = step index, x0 = current x̂_0 estimate).
 
-Each sampler ends with x̂_0 from its last network evaluation (seed 001: "in the final iteration x_0 is already
-the final x_0 sample"). Adding a sampler means adding one function and one entry in ``SAMPLERS``.
+Each sampler ends with x̂_0 from its last network evaluation (as Ho et al. 2020's Algorithm 2, whose last step
+adds no noise). Adding a sampler means adding one function and one entry in ``SAMPLERS``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _ab(diffusion: GaussianDiffusion, t: int, x: torch.Tensor, floor: bool = Fal
 
 
 def _ancestral_step(diffusion, x, x0, t: int, s: int, generator, variance: str = "posterior"):
-    """x_s ~ N(μ̃, σ² I), the posterior q(x_s | x_t, x̂_0) between any two timesteps s < t (seed 001 with
+    """x_s ~ N(μ̃, σ² I), the posterior q(x_s | x_t, x̂_0) between any two timesteps s < t (Ho et al. 2020, eq. 7, with
     α_{t|s} = ᾱ_t/ᾱ_s, β_{t|s} = 1 − α_{t|s}); σ² = β̃_{t|s} (``posterior``) or β_{t|s} (``beta``)."""
     ab_t, ab_s = _ab(diffusion, t, x), _ab(diffusion, s, x)
     alpha, beta = ab_t / ab_s, 1 - ab_t / ab_s
@@ -82,7 +82,7 @@ def _ancestral_step(diffusion, x, x0, t: int, s: int, generator, variance: str =
 def ddpm(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusion, cond: Any = None,
          guidance: Guidance | None = None, generator: Generator = None, callback: Callback | None = None,
          variance: str = "posterior") -> torch.Tensor:
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2; seed 001's sampling pseudo-code).
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2).
 
     x_s ~ q(x_s | x_t, x̂_0) = N(μ̃, σ² I) with μ̃ the posterior mean at x̂_0 = x̂_0(x_t, ε̂) and σ² = β̃
     (``variance="posterior"``, the seed's choice) or σ² = β (``variance="beta"``, DDPM's upper bound).
@@ -123,11 +123,11 @@ def ddim(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusio
 def euler_maruyama(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusion, cond: Any = None,
                    guidance: Guidance | None = None, generator: Generator = None,
                    callback: Callback | None = None) -> torch.Tensor:
-    """The reverse VP-SDE (seed 003) integrated with Euler–Maruyama.
+    """The reverse VP-SDE (Song et al. 2021, eq. 6; Anderson 1982) integrated with Euler–Maruyama.
 
     Forward VP-SDE: dx = −½β(t) x dt + √β(t) dw. Reverse: dx = [−½β x − β ∇log p_t(x)] dt + √β dw̄.
     In the time τ = ∫β = −log ᾱ the reverse step from t to s is, with h = τ_t − τ_s = log(ᾱ_s/ᾱ_t),
-    x_s = x_t + h (½ x_t + s_θ(x_t, t)) + √h z, with s_θ = −ε̂/√(1−ᾱ_t) (seed 002).
+    x_s = x_t + h (½ x_t + s_θ(x_t, t)) + √h z, with s_θ = −ε̂/√(1−ᾱ_t) (Song et al. 2021).
     """
     den, ts = _setup(model, x, timesteps, diffusion, cond, guidance)
     for i, (t, s) in enumerate(_steps(ts)):
@@ -148,7 +148,7 @@ def euler_maruyama(model: ModelFn, x: torch.Tensor, timesteps, diffusion: Gaussi
 def heun(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusion, cond: Any = None,
          guidance: Guidance | None = None, generator: Generator = None,
          callback: Callback | None = None, sigma_max: float = 80.0) -> torch.Tensor:
-    """The probability-flow ODE (seed 003: dx = [f − ½ g² ∇log p_t] dt) integrated with Heun's method.
+    """The probability-flow ODE (Song et al. 2021, eq. 13: dx = [f − ½ g² ∇log p_t] dt) integrated with Heun's method.
 
     For the VP-SDE, substituting x̃ = x/√ᾱ and σ = √((1−ᾱ)/ᾱ) turns the ODE into dx̃/dσ = ε̂(x, t)
     (Karras et al. 2022, eq. 4), solved with Heun's 2nd-order method (their Algorithm 1); the last step to
@@ -214,7 +214,7 @@ def dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiff
 
 
 def _langevin(den: Denoiser, diffusion: GaussianDiffusion, x, t: int, n: int, snr: float, generator):
-    """n Langevin steps x ← x + δ s_θ(x, t) + √(2δ) z at level t (seed 001, "Sampling using Langevin dynamics").
+    """n Langevin steps x ← x + δ s_θ(x, t) + √(2δ) z at level t (Song & Ermon 2019, Algorithm 1).
 
     Step size δ = 2 α_t (r σ_t)², σ_t² = 1 − ᾱ_t: Song et al.'s (2021, Algorithm 5) rule δ = 2 α (r ‖z‖/‖s‖)²
     with the norms replaced by their noise-dominated expectations ‖z‖ ≈ √D, ‖s‖ ≈ √D/σ_t. Unlike the

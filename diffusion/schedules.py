@@ -1,6 +1,6 @@
 """Noise schedules β_1..β_T for the forward process.
 
-Seed 001 / 004: q(z_n | z_{n-1}) = N(√(1−β_n) z_{n-1}, β_n I) with 0 < β_1 < … < β_N < 1, and
+Ho et al. 2020; Sohl-Dickstein et al. 2015: q(z_n | z_{n-1}) = N(√(1−β_n) z_{n-1}, β_n I) with 0 < β_1 < … < β_N < 1, and
 q(z_n | x_0) = N(√ᾱ_n x_0, (1−ᾱ_n) I) with ᾱ_n = ∏_{i≤n} (1−β_i).
 
 All schedules are returned as float64 tensors of shape (T,); index i holds β_{i+1} (0-based timesteps,

@@ -1,4 +1,5 @@
-"""Evaluation metrics (seed 000): FID (Fréchet distance of Inception features), CLIP score, precision/recall."""
+"""Evaluation metrics: FID (Heusel et al. 2017) (Fréchet distance of Inception features), CLIP score (Hessel et al. 2021),
+precision/recall (Kynkäänniemi et al. 2019)."""
 
 from .fid import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats
 from .prdc import precision_recall

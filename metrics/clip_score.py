@@ -1,4 +1,4 @@
-"""CLIP score (seed 000): the cosine similarity of CLIP's image and caption embeddings.
+"""CLIP score (Hessel et al. 2021): the cosine similarity of CLIP's image and caption embeddings.
 
 Reported two ways, always with the model that produced them:
     clip_score       = max(100 · mean cos, 0)     (torchmetrics' convention: clamp after averaging)

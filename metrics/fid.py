@@ -1,4 +1,4 @@
-"""FID (seed 000): the Fréchet distance between Gaussians fitted to Inception-v3 pool3 features of two image sets,
+"""FID (Heusel et al. 2017): the Fréchet distance between Gaussians fitted to Inception-v3 pool3 features of two image sets,
     FID = ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁^{1/2} Σ₂ Σ₁^{1/2})^{1/2}.
 
 The network is pytorch-fid's ``InceptionV3`` (the TF-ported FID weights, ``pt_inception-2015-12-05-6726825d.pth``)

@@ -1,4 +1,4 @@
-"""Precision and recall with k-NN manifolds (Kynkäänniemi et al. 2019; seed 000), and density / coverage
+"""Precision and recall with k-NN manifolds (Kynkäänniemi et al. 2019), and density / coverage
 (Naeem et al. 2020).
 
 The real manifold is the union of balls B(r_i, d_k(r_i)) around each real feature, with d_k the distance to its k-th

@@ -1,4 +1,4 @@
-"""Train a caption-conditioned diffusion U-Net (the seeds' ε-loss with caption dropout for classifier-free guidance).
+"""Train a caption-conditioned diffusion U-Net (the DDPM ε-loss of Ho et al. 2020, with caption dropout for classifier-free guidance).
 
     accelerate launch pipeline/train.py --config launch/configs/demo.yaml [--output-dir DIR] [--max-steps N]
                                         [--resume latest|PATH] [section.key=value ...]

@@ -53,7 +53,7 @@ def test_q_sample_has_the_forward_marginal():
 
 
 def test_posterior_equals_seed_formula_and_bayes():
-    # μ̃, β̃ from seed 001; checked against the posterior of the Gaussian pair (x_{t−1}, x_t) | x_0 by Bayes' rule.
+    # μ̃, β̃ from Ho et al. 2020 (eq. 7); checked against the posterior of the Gaussian pair (x_{t−1}, x_t) | x_0 by Bayes' rule.
     d = _diffusion()
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(5, 2, generator=g, dtype=torch.float64)
@@ -159,7 +159,7 @@ def test_parameterisation_round_trips_and_diffusers_velocity(gen):
 
 
 def test_score_is_gradient_of_log_q():
-    # s = −ε/√(1−ᾱ) equals ∇_{x_t} log q(x_t | x_0) computed by autograd (seed 002).
+    # s = −ε/√(1−ᾱ) equals ∇_{x_t} log q(x_t | x_0) computed by autograd (Vincent 2011).
     d = _diffusion()
     x0 = torch.randn(3, 5, dtype=torch.float64)
     eps = torch.randn(3, 5, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The training loss: targets, the ELBO weight of seed 001 against the KL terms it comes from, Min-SNR, v-prediction."""
+"""The training loss: targets, the ELBO weight (Ho et al. 2020) against the KL terms it comes from, Min-SNR, v-prediction."""
 
 import pytest
 import torch
