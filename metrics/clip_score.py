@@ -47,10 +47,12 @@ class CLIPScorer:
 
             logging.getLogger(__name__).warning("CLIP evaluator %s has no pretrained weights: randomly initialised "
                                                 "(seed 0); its scores only test the plumbing", name)
-        with torch.random.fork_rng(devices=[]):
+        from models.text_encoders import quiet_open_clip
+
+        with torch.random.fork_rng(devices=[]), quiet_open_clip():
             torch.manual_seed(0)  # a random evaluator must at least be the same one every time
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-        self.tokenizer = open_clip.get_tokenizer(name)
+            self.tokenizer = open_clip.get_tokenizer(name)
         self.kind, self.identity = "openclip", f"openclip:{name}:{pretrained}"
 
     def _init_hf(self, name: str, allow_download: bool):

@@ -11,6 +11,7 @@ model that is not in the local cache and allows it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,20 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 KINDS = ("openclip", "hf_clip")
+
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """OpenCLIP logs through the root logger: INFO lines for every model and tokenizer it builds, and "No pretrained
+    weights loaded … initialized randomly" even when this project loads the weights right after. Hidden while it
+    builds (errors still show); the callers say what matters: which weights, or that there are none."""
+    root = logging.getLogger()
+    old = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(old)
 
 
 @dataclass
@@ -92,7 +107,8 @@ class OpenCLIPTextEncoder(TextEncoder):
             raise ValueError(f"unknown OpenCLIP model {name!r}; available: {', '.join(open_clip.list_models()[:12])}, … "
                              "(open_clip.list_models(); custom configs via open_clip.add_model_config)")
         try:
-            model = open_clip.create_model(name, pretrained=pretrained)
+            with quiet_open_clip():
+                model = open_clip.create_model(name, pretrained=pretrained)
         except RuntimeError as e:  # open_clip reports a checkpoint that does not match the config this way
             raise ValueError(f"could not load OpenCLIP {name!r} from {pretrained!r}: {e}") from e
         tower = getattr(model, "text", model)  # CustomTextCLIP keeps its text tower in .text
@@ -104,7 +120,8 @@ class OpenCLIPTextEncoder(TextEncoder):
         self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
         self.text_projection = tower.text_projection
         self.pool_type = getattr(tower, "text_pool_type", getattr(tower, "pool_type", "argmax"))
-        self.tokenizer = open_clip.get_tokenizer(name)
+        with quiet_open_clip():
+            self.tokenizer = open_clip.get_tokenizer(name)
         self.context_length = self.positional_embedding.shape[0]
         self.dim = self.positional_embedding.shape[1]
         self.pooled_dim = self.text_projection.shape[1] if isinstance(self.text_projection, nn.Parameter) else (
@@ -181,8 +198,10 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
                 raise FileNotFoundError(f"text_encoder.config_file={cfg.config_file!r} does not exist")
             open_clip.add_model_config(cfg.config_file)
         if not cfg.pretrained and not cfg.weights:
-            log.warning("text encoder %s has no pretrained weights: randomly initialised from seed %d", cfg.name,
-                        cfg.seed)
+            # A custom architecture (config_file: the CPU demo's toy tower) is random by design; a named CLIP is not.
+            (log.info if cfg.config_file else log.warning)(
+                "text encoder %s has no pretrained weights: randomly initialised from seed %d%s", cfg.name, cfg.seed,
+                " (the CPU demo's plan)" if cfg.config_file else "; set text_encoder.pretrained for real training")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             encoder = OpenCLIPTextEncoder(cfg.name, cfg.pretrained)

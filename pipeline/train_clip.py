@@ -42,12 +42,15 @@ def main(argv=None):
     import open_clip
     from safetensors.torch import save_file
 
+    from models.text_encoders import quiet_open_clip
+
     open_clip.add_model_config(args.config_file)
     torch.manual_seed(args.seed)
-    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
+    with quiet_open_clip():  # random initialisation is the point here
+        model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None)
+        tokenizer = open_clip.get_tokenizer(args.model)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
-    tokenizer = open_clip.get_tokenizer(args.model)
     mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     loader = Loader(DataConfig(shards=args.shards, resolution=size, num_workers=1, seed=args.seed), args.batch_size)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -83,6 +84,24 @@ def test_build_from_config(openclip_file, hf_dir):
     assert build_text_encoder(TextEncoderConfig("hf_clip", str(hf_dir))).dim == 32
     with pytest.raises(ValueError, match="unknown text encoder kind 't5'; allowed values: openclip, hf_clip"):
         build_text_encoder(TextEncoderConfig("t5", "x"))
+
+
+def test_building_is_quiet_and_random_weights_are_said_once(openclip_file, caplog):
+    """OpenCLIP's own INFO lines and its "initialized randomly" (printed even when weights are loaded right after) are
+    hidden; a random tower is an INFO line for the demo's custom architecture and a warning for a named model."""
+    caplog.set_level(logging.DEBUG)
+    build_text_encoder(TextEncoderConfig("openclip", "tiny-test-clip", str(openclip_file[0])))
+    assert not [r for r in caplog.records if r.name == "root"], [r.getMessage() for r in caplog.records]
+    assert not [r for r in caplog.records if "random" in r.getMessage()]
+    caplog.clear()
+    toy = Path(__file__).resolve().parents[1] / "launch" / "configs" / "clip" / "toy-clip.json"
+    build_text_encoder(TextEncoderConfig("openclip", "toy-clip", config_file=str(toy)))
+    said = [r for r in caplog.records if "randomly initialised" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO] and not [r for r in caplog.records if r.name == "root"]
+    caplog.clear()
+    build_text_encoder(TextEncoderConfig("openclip", "tiny-test-clip"))
+    said = [r for r in caplog.records if "randomly initialised" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.WARNING] and "text_encoder.pretrained" in said[0].getMessage()
 
 
 def test_missing_files_and_unknown_names(tmp_path, openclip_file):
