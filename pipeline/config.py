@@ -247,7 +247,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist (shipped configs: launch/configs/*.yaml)")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+            started = f"; {context} at line {cmark.line + 1}" if context and cmark is not None else ""
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}{started})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected sections (data:, model:, ...) at the top, got {type(raw).__name__}")
     seen: dict[str, str] = {}
     for item in overrides:
         key = item.split("=", 1)[0].strip()

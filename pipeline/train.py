@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -231,7 +232,22 @@ def main(argv=None):
 
     if cfg.train.deterministic:
         use_deterministic_kernels()
+    fresh = not Path(cfg.train.output_dir).exists()
     run_dir = writable_run_dir(cfg.train.output_dir)
+    try:
+        return train(args, cfg, run_dir)
+    except BaseException:
+        if fresh and not (run_dir / "metrics.jsonl").exists() and not list_any(run_dir / "checkpoints"):
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: leave no empty run folder
+        raise
+
+
+def list_any(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
+    """The job, once its config is read and its run folder exists."""
     tracker = None if cfg.logging.tracker == "none" else cfg.logging.tracker
     accelerator = Accelerator(
         mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum,

@@ -338,6 +338,20 @@ def test_bad_input_fails_before_any_step(shards, tmp_path, case):
         train.main(argv)
     after = sorted(p.name for p in run.rglob("*")) if run.exists() else []
     assert [p for p in after if p.startswith("step_")] == [p for p in before if p.startswith("step_")]
+    if case != "other_model":  # a run folder this failed run created is not left behind, empty
+        assert not run.exists()
+
+
+def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  resolution: 32\n  shards: [a, b\noptim:\n  lr: 1\n")
+    res = subprocess.run([sys.executable, str(ROOT / "pipeline" / "train.py"), "--config", str(bad), "--output-dir",
+                          str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"config error: {bad}:4:6: not valid YAML (expected ',' or ']', but got ':'; while parsing a flow sequence "
+        f"at line 3)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_precomputed_caption_embeddings_skip_the_encoder(shards, tmp_path, monkeypatch):
