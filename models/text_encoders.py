@@ -210,7 +210,13 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
     if cfg.weights:
         from safetensors.torch import load_file
 
-        missing, unexpected = encoder.load_state_dict(load_file(cfg.weights), strict=False)
+        from safetensors import SafetensorError
+
+        try:
+            state = load_file(cfg.weights)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{cfg.weights} is damaged ({e})") from None
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(f"text_encoder.weights={cfg.weights!r} does not fit {cfg.name!r}: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")

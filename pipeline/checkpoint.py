@@ -3,8 +3,10 @@
 A checkpoint is ``RUN/checkpoints/step_XXXXXXXX/``:
     Accelerate's state (model, optimiser, LR scheduler, grad scaler, RNG states of every process; DeepSpeed's
     sharded states under ZeRO), ``ema.safetensors``, ``data/rank{r}.json`` (each rank's loader position) and
-    ``train_state.json`` (step, counters, the model config). It is written under ``step_XXXXXXXX.tmp`` and renamed
-    only when every rank has finished, so a crash during a save leaves the previous checkpoint as the latest.
+    ``train_state.json`` (step, counters, the model config), and ``checksums.json`` (SHA-256 of every file). It is
+    written under ``step_XXXXXXXX.tmp`` and renamed only when every rank has finished, so a crash during a save
+    leaves the previous checkpoint as the latest; a checkpoint damaged later (a disk error, a truncated copy) is
+    recognised by its checksums and ``--resume latest`` falls back to the newest intact one.
 
 The export is ``RUN/model/``: ``unet_ema.safetensors`` (EMA weights), ``unet.safetensors`` (raw weights),
 ``config.json`` (model, text-encoder and diffusion config, resolution, step) and, when the text encoder was
@@ -14,6 +16,7 @@ not loaded from pretrained weights, ``text_encoder.safetensors`` so that the sam
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +28,52 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+CHECKSUMS = "checksums.json"
+
+
+def read_json(path: Path):
+    """A JSON file the project wrote; a damaged one is a ValueError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
+
+
+def read_safetensors(path: Path, device: str = "cpu") -> dict:
+    """A .safetensors file; a damaged (e.g. truncated) one is a ValueError naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is damaged ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: Path):
+    """SHA-256 of every file below ``folder`` (relative paths), for recognising damage later."""
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != CHECKSUMS}
+    _atomic_json(folder / CHECKSUMS, sums)
+
+
+def damaged_files(folder: Path) -> list[str]:
+    """The files of a checkpoint that are missing or differ from its checksums ([] when it has none to check)."""
+    if not (folder / CHECKSUMS).is_file():
+        return []
+    try:
+        sums = json.loads((folder / CHECKSUMS).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return [CHECKSUMS]
+    return [name for name, digest in sums.items()
+            if not (folder / name).is_file() or _sha256(folder / name) != digest]
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -42,10 +91,20 @@ def resolve_resume(arg: str, ckpt_dir: Path) -> Path:
         if not found:
             raise FileNotFoundError(f"--resume latest: no checkpoint in {ckpt_dir} (start without --resume, or "
                                     f"pass --output-dir of the run to continue)")
-        return found[-1]
+        for path in reversed(found):
+            damaged = damaged_files(path)
+            if not damaged:
+                return path
+            log.warning("checkpoint %s is damaged (%s differ from its checksums): trying the one before",
+                        path, ", ".join(damaged[:3]))
+        raise ValueError(f"--resume latest: every checkpoint in {ckpt_dir} is damaged (checksums differ)")
     path = Path(arg)
     if not (path / "train_state.json").is_file():
         raise FileNotFoundError(f"--resume {arg}: not a complete checkpoint folder (no train_state.json)")
+    damaged = damaged_files(path)
+    if damaged:
+        raise ValueError(f"checkpoint {path} is damaged: {', '.join(damaged[:3])} differ from its checksums; resume "
+                         f"from another (--resume latest takes the newest intact one)")
     return path
 
 
@@ -81,6 +140,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, ema, loader, train_s
         _atomic_json(tmp / "train_state.json", {**train_state, "step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        write_checksums(tmp)  # every rank's files are written (the barrier above)
         if final.exists():  # the same step saved again (e.g. a resumed run that made no progress)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -97,24 +157,33 @@ def load_data_state(path: Path, rank: int) -> dict:
     if not data_file.is_file():
         raise FileNotFoundError(f"{path} has no data position for rank {rank}: it was saved by a run with fewer "
                                 f"processes; resume with the same number of processes")
-    return json.loads(data_file.read_text())
+    return read_json(data_file)
 
 
 def load_checkpoint(accelerator, path: Path, ema) -> dict:
-    """Collective. Restores Accelerate's state and the EMA; returns the train_state."""
-    train_state = json.loads((path / "train_state.json").read_text())
-    accelerator.load_state(str(path))
+    """Collective. Restores Accelerate's state and the EMA; returns the train_state. A file that cannot be read is a
+    ValueError in one line (never PyTorch's advice to unpickle it anyway)."""
+    import pickle
+
+    train_state = read_json(path / "train_state.json")
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        detail = "" if "weights_only" in str(e) else f": {first}"
+        raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}{detail}): a file in it is damaged; "
+                         f"resume from another (--resume PATH)") from None
     if ema is not None:
         ema_file = path / "ema.safetensors"
         if not ema_file.is_file():
             raise FileNotFoundError(f"{path} has no ema.safetensors; it was saved with ema.enabled=false")
-        ema.load_state_dict(load_file(str(ema_file), device=str(next(ema.ema_model.parameters()).device)))
+        ema.load_state_dict(read_safetensors(ema_file, device=str(next(ema.ema_model.parameters()).device)))
     return train_state
 
 
 def check_model_config(path: Path, model_config: dict):
     """Refuse a checkpoint of a different architecture before anything is loaded."""
-    saved = json.loads((path / "train_state.json").read_text()).get("model_config")
+    saved = read_json(path / "train_state.json").get("model_config")
     if saved is not None and json.loads(json.dumps(model_config)) != saved:
         diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(model_config)).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {path} was made by a different model config: {diff} (saved, configured). "
@@ -159,7 +228,7 @@ def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
     cfg_file = model_dir / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{model_dir} is not an exported model folder (no config.json); pass RUN/model")
-    meta = json.loads(cfg_file.read_text())
+    meta = read_json(cfg_file)
     weights = model_dir / ("unet_ema.safetensors" if ema else "unet.safetensors")
     if not weights.is_file() and ema:
         weights = model_dir / "unet.safetensors"
@@ -172,7 +241,7 @@ def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
             text[key] = str(model_dir / text[key])
     encoder = build_text_encoder(TextEncoderConfig(**text)).to(device)
     unet = UNet(UNetConfig(**meta["model"]))
-    unet.load_state_dict(load_file(str(weights)))
+    unet.load_state_dict(read_safetensors(weights))
     unet.to(device).eval().requires_grad_(False)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(**meta["diffusion"]))
     return unet, encoder, diffusion, meta

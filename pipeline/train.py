@@ -306,7 +306,10 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
 
     counts = Counts()
     if resume_from:
-        state = ckpt.load_checkpoint(accelerator, resume_from, ema)  # data position: restored in the Loader
+        try:
+            state = ckpt.load_checkpoint(accelerator, resume_from, ema)  # data position: restored in the Loader
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
         counts = Counts.from_state(state)
         log.info("resumed from %s at step %d", resume_from, counts.step)
     if accelerator.is_main_process:

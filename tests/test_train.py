@@ -342,6 +342,64 @@ def test_bad_input_fails_before_any_step(shards, tmp_path, case):
         assert not run.exists()
 
 
+def _one_line_exit(excinfo, *needles):
+    """A SystemExit with a message (exit status 1) of one line holding every needle."""
+    message = excinfo.value.code
+    assert isinstance(message, str) and "\n" not in message and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+    return message
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_damaged_checkpoints_and_models_fail_in_one_line_or_fall_back(shards, tmp_path, capfd):
+    from pipeline import sample
+
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    train.main(small(shards, run, "--max-steps", "4", "checkpoint.every=2", "checkpoint.keep_last=5"))
+    assert json.loads((ck / "step_00000004" / "checksums.json").read_text()).keys() >= {"optimizer.bin",
+                                                                                       "model.safetensors"}
+    # --resume latest: the newest checkpoint is damaged → the newest intact one, with a warning
+    _truncate(ck / "step_00000004" / "optimizer.bin")
+    capfd.readouterr()
+    train.main(small(shards, run, "--max-steps", "6", "--resume", "latest", "checkpoint.every=2",
+                     "checkpoint.keep_last=5"))
+    log = capfd.readouterr().err
+    assert "step_00000004 is damaged (optimizer.bin differ from its checksums): trying the one before" in log
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in log
+    assert json.loads((run / "model" / "config.json").read_text())["step"] == 6
+    # an explicitly named damaged checkpoint: one line naming the file
+    _truncate(ck / "step_00000006" / "optimizer.bin")
+    with pytest.raises(SystemExit) as e:
+        train.main(small(shards, run, "--max-steps", "8", "--resume", str(ck / "step_00000006")))
+    _one_line_exit(e, "step_00000006 is damaged: optimizer.bin differ from its checksums")
+    # without checksums (an older checkpoint): still one line, and never "load it with weights_only=False"
+    (ck / "step_00000006" / "checksums.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        train.main(small(shards, run, "--max-steps", "8", "--resume", str(ck / "step_00000006")))
+    assert "weights_only" not in _one_line_exit(e, "step_00000006 cannot be loaded", "damaged")
+    # a damaged train_state.json / exported model: one line naming the file
+    (ck / "step_00000004" / "train_state.json").write_text('{"step": 4, "model_con')
+    (ck / "step_00000004" / "checksums.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        train.main(small(shards, run, "--max-steps", "8", "--resume", str(ck / "step_00000004")))
+    _one_line_exit(e, "train_state.json is damaged (not valid JSON")
+    argv = ["--model", str(run / "model"), "--out", str(tmp_path / "samples"), "--prompt", "a red circle", "--steps",
+            "2"]
+    _truncate(run / "model" / "unet_ema.safetensors")
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    _one_line_exit(e, "unet_ema.safetensors is damaged")
+    (run / "model" / "config.json").write_text("{not json")
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    _one_line_exit(e, "config.json is damaged (not valid JSON")
+
+
 def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("data:\n  resolution: 32\n  shards: [a, b\noptim:\n  lr: 1\n")
