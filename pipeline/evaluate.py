@@ -257,8 +257,10 @@ def cmd_run(args) -> dict:
         jobs = [Job(i, 0, c, "", image_seed(args.seed, i, 0), g) for i, c in enumerate(captions)]
         todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
         log.info("guidance %g: %d of %d images to generate", g, todo, len(jobs))
-        run_jobs(jobs, model, encoder, diffusion, meta["resolution"], folder, args.sampler, args.steps,
-                 args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process)
+        records = run_jobs(jobs, model, encoder, diffusion, meta["resolution"], folder, args.sampler, args.steps,
+                           args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process)
+        if state.is_main_process:  # each image → its caption and seed (the images alone do not say)
+            (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         state.wait_for_everyone()
         files = [folder / "images" / j.name for j in jobs]
         pairs = list(load_folder(files, Counter()))  # read once: for the features and for the CLIP score

@@ -36,6 +36,56 @@ def loss_curve(metrics_file: Path, out: Path) -> Path:
     return out
 
 
+def _font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default()
+
+
+def labelled_grid(samples: Path, out: Path, scale: int = 4) -> Path:
+    """The sample grid for viewing: every image enlarged ``scale``× (nearest neighbour: the pixels as generated), rows
+    numbered by prompt, columns labelled by guidance scale."""
+    from PIL import Image, ImageDraw
+
+    rows = [json.loads(line) for line in (samples / "metadata.jsonl").read_text().splitlines()]
+    prompts = sorted({r["prompt_index"] for r in rows})
+    cols = sorted({(r["guidance"], r["image_index"]) for r in rows})
+    first = Image.open(samples / rows[0]["file"])
+    tile, pad, top, left = first.width * scale, 4, 18, 28
+    grid = Image.new("RGB", (left + len(cols) * (tile + pad), top + len(prompts) * (tile + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (g, i) in enumerate(cols):
+        draw.text((left + c * (tile + pad) + 2, 3), f"w={g:g}" + (f" #{i + 1}" if i else ""), fill="black", font=_font())
+    where = {(r["prompt_index"], r["guidance"], r["image_index"]): r["file"] for r in rows}
+    for y, p in enumerate(prompts):
+        draw.text((6, top + y * (tile + pad) + tile // 2 - 6), f"{p + 1}.", fill="black", font=_font())
+        for c, (g, i) in enumerate(cols):
+            img = Image.open(samples / where[(p, g, i)]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+            grid.paste(img, (left + c * (tile + pad), top + y * (tile + pad)))
+    grid.save(out)
+    return out
+
+
+def training_grids(run: Path, out: Path, scale: int = 3) -> Path | None:
+    """The training run's sample grids (fixed prompts, fixed seed) one under the other, enlarged, labelled by step."""
+    from PIL import Image, ImageDraw
+
+    paths = sorted((run / "samples").glob("step_*.png"))
+    if not paths:
+        return None
+    grids = [Image.open(p).convert("RGB") for p in paths]
+    grids = [g.resize((g.width * scale, g.height * scale), Image.Resampling.NEAREST) for g in grids]
+    left = 70
+    canvas = Image.new("RGB", (left + max(g.width for g in grids), sum(g.height + 6 for g in grids)), "white")
+    draw, y = ImageDraw.Draw(canvas), 0
+    for path, g in zip(paths, grids):
+        draw.text((4, y + g.height // 2 - 6), f"step {int(path.stem.split('_')[1])}", fill="black", font=_font())
+        canvas.paste(g, (left, y))
+        y += g.height + 6
+    canvas.save(out)
+    return out
+
+
 def attribute_table(res: dict) -> list[str]:
     """Per-attribute accuracy (toy captions only): the share of images whose shape, colour, size, position and
     background, read back from the pixels, are what the caption asks for."""
@@ -87,7 +137,13 @@ def main(argv=None):
                   f"(× {len({r['image_index'] for r in rows})} seeds); sampler {rows[0]['sampler']}, "
                   f"{rows[0]['steps']} steps.", ""]
         lines += [f"{i + 1}. {p}" for i, p in enumerate(prompts)]
-        lines += ["", f"![samples]({rel(samples / 'grid.png')})", ""]
+        lines += ["", f"![samples]({rel(labelled_grid(samples, out.parent / 'samples_labelled.png'))})", "",
+                  f"(The grid at its own size: `{rel(samples / 'grid.png')}`.)", ""]
+    progress = training_grids(run, out.parent / "training_grids.png")
+    if progress:
+        lines += ["## During training", "", "The training run's fixed prompts at a fixed seed "
+                  f"(`logging.sample_every`), one grid per step, top to bottom.", "", f"![training]({rel(progress)})",
+                  ""]
     if args.eval:
         res = json.loads((Path(args.eval) / "results.json").read_text())
         fd = res["fd_metric"]
@@ -104,6 +160,13 @@ def main(argv=None):
         real = res.get("real")
         if real:
             lines.append(f"| real held-out images | — | {real['clip_score']:.2f} | {real['clip_cosine_mean']:.4f} | — | — |")
+        text = meta["text_encoder"]
+        own = text.get("pretrained") and str(text["pretrained"]) in res["clip_model"]
+        if own:
+            lines += ["", "The CLIP that scores is the one whose text tower conditions the U-Net (the toy data has no "
+                      "other): fine for comparing guidance scales and runs of this demo, not an independent judge — "
+                      "the real images' row says what a perfect model scores with it, and the attribute table below "
+                      "judges from the pixels alone."]
         lines += ["", f"![FD vs CLIP]({rel(Path(args.eval) / 'fid_vs_clip.png')})", ""]
         lines += attribute_table(res)
     out.write_text("\n".join(lines) + "\n")

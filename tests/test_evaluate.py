@@ -277,6 +277,11 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
 
     captions = evaluate.read_captions(str(tmp_path / "held_out" / "00000.tar"), 6)
     for r in rows:
+        records = [json.loads(line) for line in (out / f"guidance_{r['guidance']:g}" / "metadata.jsonl")
+                   .read_text().splitlines()]  # every image with its caption and seed
+        assert [m["prompt"] for m in records] == captions and len({m["seed"] for m in records}) == 6
+        assert all((out / f"guidance_{r['guidance']:g}" / m["file"]).is_file() and m["guidance"] == r["guidance"]
+                   for m in records)
         files = sorted((out / f"guidance_{r['guidance']:g}" / "images").glob("*.png"))
         want = attribute_accuracy([Image.open(f) for f in files], captions)
         assert {f"attr_{k}": v for k, v in want.items()} == {k: r[k] for k in r if k.startswith("attr_")}

@@ -35,6 +35,13 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     for needle in ("loss.png", "samples/grid.png", "eval/fid_vs_clip.png", "| guidance |", "not FID",
                    "| real held-out images |", "Does each image follow its caption?"):
         assert needle in report, needle
+    labelled = Image.open(out / "samples_labelled.png")  # enlarged 4× (nearest), labelled rows and columns
+    assert labelled.size == (28 + 6 * (4 * 32 + 4), 18 + 4 * (4 * 32 + 4))
+    assert Image.open(out / "training_grids.png").size[0] > 3 * 32
+    for needle in ("samples_labelled.png", "training_grids.png", "## During training", "text tower conditions"):
+        assert needle in report, needle
+    first = json.loads((out / "eval" / "guidance_1" / "metadata.jsonl").read_text().splitlines()[0])
+    assert {"file", "prompt", "seed", "guidance"} <= first.keys()
     real = results["real"]  # the held-out images themselves: every attribute read right
     assert real["n"] == 8 and real["attr_all"] == 1.0
     row = next(line for line in report.splitlines() if line.startswith("| real held-out images | 100%"))
