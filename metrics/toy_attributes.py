@@ -4,7 +4,8 @@ says which parts of a prompt a generated image follows.
 
 The judge (for images at any resolution, e.g. 32 px):
 - background: the median colour of the one-pixel border, nearest of the toy backgrounds;
-- foreground: pixels far (in RGB) from that background colour; shape, size and position together are the toy template
+- foreground: pixels far (in RGB) from the border's colour as drawn (a generated background may be off the palette);
+  shape, size and position together are the toy template
   (the renderer's own shape mask at this resolution: 4 shapes × 2 sizes × 5 positions) of highest IoU with it;
 - colour: the median colour of the foreground pixels inside that template, nearest of the toy colours.
 
@@ -70,8 +71,8 @@ def judge(image) -> ToyAttributes:
     if arr.ndim != 3 or arr.shape[0] != arr.shape[1] or arr.shape[2] != 3:
         raise ValueError(f"expected a square RGB image, got shape {arr.shape}")
     border = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])
-    background = _nearest(np.median(border, axis=0), BACKGROUNDS)
-    bg = np.asarray(BACKGROUNDS[background], np.float64)
+    bg = np.median(border, axis=0)  # the background as drawn: the shape is told apart from it, whatever its colour
+    background = _nearest(bg, BACKGROUNDS)
     keys, cover = _templates(arr.shape[0])
     # pass 1: a hard foreground mask → a first template → the shape's colour, from its pixels least blended with the
     # background (anti-aliased edges are mixtures)
