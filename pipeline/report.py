@@ -36,17 +36,12 @@ def loss_curve(metrics_file: Path, out: Path) -> Path:
     return out
 
 
-def _font():
-    from PIL import ImageFont
-
-    return ImageFont.load_default()
-
-
 def labelled_grid(samples: Path, out: Path, scale: int = 4) -> Path:
     """The sample grid for viewing: every image enlarged ``scale``× (nearest neighbour: the pixels as generated), rows
     numbered by prompt, columns labelled by guidance scale."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default()
     rows = [json.loads(line) for line in (samples / "metadata.jsonl").read_text().splitlines()]
     prompts = sorted({r["prompt_index"] for r in rows})
     cols = sorted({(r["guidance"], r["image_index"]) for r in rows})
@@ -55,10 +50,10 @@ def labelled_grid(samples: Path, out: Path, scale: int = 4) -> Path:
     grid = Image.new("RGB", (left + len(cols) * (tile + pad), top + len(prompts) * (tile + pad)), "white")
     draw = ImageDraw.Draw(grid)
     for c, (g, i) in enumerate(cols):
-        draw.text((left + c * (tile + pad) + 2, 3), f"w={g:g}" + (f" #{i + 1}" if i else ""), fill="black", font=_font())
+        draw.text((left + c * (tile + pad) + 2, 3), f"w={g:g}" + (f" #{i + 1}" if i else ""), fill="black", font=font)
     where = {(r["prompt_index"], r["guidance"], r["image_index"]): r["file"] for r in rows}
     for y, p in enumerate(prompts):
-        draw.text((6, top + y * (tile + pad) + tile // 2 - 6), f"{p + 1}.", fill="black", font=_font())
+        draw.text((6, top + y * (tile + pad) + tile // 2 - 6), f"{p + 1}.", fill="black", font=font)
         for c, (g, i) in enumerate(cols):
             img = Image.open(samples / where[(p, g, i)]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
             grid.paste(img, (left + c * (tile + pad), top + y * (tile + pad)))
@@ -68,8 +63,9 @@ def labelled_grid(samples: Path, out: Path, scale: int = 4) -> Path:
 
 def training_grids(run: Path, out: Path, scale: int = 3) -> Path | None:
     """The training run's sample grids (fixed prompts, fixed seed) one under the other, enlarged, labelled by step."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
+    font = ImageFont.load_default()
     paths = sorted((run / "samples").glob("step_*.png"))
     if not paths:
         return None
@@ -79,7 +75,7 @@ def training_grids(run: Path, out: Path, scale: int = 3) -> Path | None:
     canvas = Image.new("RGB", (left + max(g.width for g in grids), sum(g.height + 6 for g in grids)), "white")
     draw, y = ImageDraw.Draw(canvas), 0
     for path, g in zip(paths, grids):
-        draw.text((4, y + g.height // 2 - 6), f"step {int(path.stem.split('_')[1])}", fill="black", font=_font())
+        draw.text((4, y + g.height // 2 - 6), f"step {int(path.stem.split('_')[1])}", fill="black", font=font)
         canvas.paste(g, (left, y))
         y += g.height + 6
     canvas.save(out)

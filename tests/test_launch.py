@@ -152,6 +152,11 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
     # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
     assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(CONFIGS)
     jsons = {launch_file(c.launch).get("deepspeed_config", {}).get("deepspeed_config_file") for c in CASES}
+    # each ZeRO launch file runs its own JSON, of its own stage
+    zero_files = {"8gpu_zero2.yaml": ("zero2.json", 2), "8gpu_zero3.yaml": ("zero3.json", 3)}
+    for launch, (json_file, stage) in zero_files.items():
+        assert launch_file(launch)["deepspeed_config"]["deepspeed_config_file"] == f"launch/deepspeed/{json_file}"
+        assert json.loads((ROOT / "launch" / "deepspeed" / json_file).read_text())["zero_optimization"]["stage"] == stage
     assert {f"launch/deepspeed/{p.name}" for p in (ROOT / "launch" / "deepspeed").glob("*.json")} <= jsons
     towers = {o.split("=", 1)[1] for c in CASES for o in SHRINK[c.config] if o.startswith("text_encoder.config_file=")}
     towers |= {yaml.safe_load((ROOT / "launch" / "configs" / c.config).read_text())["text_encoder"].get("config_file")
