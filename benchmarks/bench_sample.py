@@ -31,13 +31,13 @@ def main():
     args = p.parse_args()
     torch.manual_seed(0)
     if args.model:
-        model, encoder, diffusion, meta = load_exported(args.model)
+        model, encoder, diffusion, vae, meta = load_exported(args.model)
         res = meta["resolution"]
     else:
         encoder = build_text_encoder(TextEncoderConfig(name="toy-clip", config_file=os.path.join(
             os.path.dirname(__file__), "..", "launch", "configs", "clip", "toy-clip.json")))
         model = build_model("tiny", context_dim=encoder.dim, pooled_dim=encoder.pooled_dim).eval()
-        diffusion, res = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine")), 32
+        diffusion, res, vae = GaussianDiffusion.from_config(DiffusionConfig(schedule="cosine")), 32, None
     prompts = ["a large red circle in the center on a white background"] * args.batch
     print(f"{torch.get_num_threads()} threads, {res} px, batch {args.batch}, guidance {args.guidance}")
     print("| sampler | steps | forward calls (cond+uncond batched) | images/s |")
@@ -49,7 +49,7 @@ def main():
         model.forward = lambda *a, **k: calls.append(1) or real_forward(*a, **k)
         t = time.perf_counter()
         generate(model, encoder, diffusion, prompts, list(range(args.batch)), res, guidance=args.guidance,
-                 sampler=name, steps=steps)
+                 sampler=name, steps=steps, channels=model.cfg.in_channels, vae=vae)
         dt = time.perf_counter() - t
         model.forward = real_forward
         print(f"| {name} | {steps} | {len(calls)} | {args.batch / dt:.1f} |", flush=True)
@@ -57,7 +57,8 @@ def main():
     # One batched forward of cond + uncond (2B) vs two forwards of B.
     cond = encoder.encode(prompts)
     both = {k: torch.cat([v, v]) for k, v in cond.items()}
-    x, t = torch.randn(args.batch, 3, res, res), torch.full((args.batch,), 500)
+    size = res // vae.factor if vae is not None else res
+    x, t = torch.randn(args.batch, model.cfg.in_channels, size, size), torch.full((args.batch,), 500)
     with torch.no_grad():
         for _ in range(2):
             model(torch.cat([x, x]), torch.cat([t, t]), both)

@@ -88,23 +88,31 @@ def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str =
         raise BadSample("corrupt_image", str(e)) from None
 
 
-def resize_crop(img: Image.Image, resolution: int, crop: str = "center", flip: bool = False,
-                rng: np.random.Generator | None = None, resample: str = "bicubic") -> np.ndarray:
-    """Resize the shorter side to ``resolution`` (anti-aliased ``resample`` filter), crop a square — centred, or at a
-    uniformly random offset with ``crop="random"`` — and mirror it horizontally half of the time if ``flip``.
-    Returns a (resolution, resolution, 3) uint8 array."""
-    w, h = img.size
+def crop_box(size: tuple[int, int], resolution: int, crop: str = "center",
+             rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of the square crop that ``resize_crop`` takes from an image of
+    ``size`` = (w, h): the shorter side resized to ``resolution``, the crop centred or at a uniformly random offset."""
+    w, h = size
     scale = resolution / min(w, h)
     nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), FILTERS[resample], reducing_gap=None)
     if crop == "random":
         assert rng is not None, "random crops need a generator"
-        left, top = int(rng.integers(nw - resolution + 1)), int(rng.integers(nh - resolution + 1))
-    elif crop == "center":
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-    else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        return nw, nh, int(rng.integers(nw - resolution + 1)), int(rng.integers(nh - resolution + 1))
+    if crop == "center":
+        return nw, nh, (nw - resolution) // 2, (nh - resolution) // 2
+    raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+
+
+def resize_crop(img: Image.Image, resolution: int, crop: str = "center", flip: bool = False,
+                rng: np.random.Generator | None = None, resample: str = "bicubic", box: list | None = None) -> np.ndarray:
+    """Resize the shorter side to ``resolution`` (anti-aliased ``resample`` filter), crop a square — centred, or at a
+    uniformly random offset with ``crop="random"`` — and mirror it horizontally half of the time if ``flip``.
+    Returns a (resolution, resolution, 3) uint8 array; ``box``, when given, receives [top, left] of the crop."""
+    nw, nh, left, top = crop_box(img.size, resolution, crop, rng)
+    if (nw, nh) != img.size:
+        img = img.resize((nw, nh), FILTERS[resample], reducing_gap=None)
+    if box is not None:
+        box[:] = [top, left]
     arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)))
     if flip and rng is not None and rng.random() < 0.5:
         arr = arr[:, ::-1]

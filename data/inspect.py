@@ -41,7 +41,7 @@ def inspect(shards, resolution: int = 64, caption_keys=None, progress: bool = Fa
     for url in tqdm(urls, desc="shards", disable=not progress):
         for raw in read_shard(url, skipped):
             try:
-                _, caption, _, (w, h) = stream.process(raw, epoch=0)
+                _, caption, _, (w, h), _ = stream.process(raw, epoch=0)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 continue

@@ -15,6 +15,10 @@ webdataset library (brace patterns, local paths, ``pipe:`` and http URLs). Two m
 The stream is endless in both modes (epoch after epoch), so ranks never run out at different times and a
 step-based training loop never hangs on an uneven last batch. Broken samples are skipped and counted by reason;
 the run stops with :class:`DataError` only when nothing can be read or too large a fraction fails.
+
+Latent shards (``pipeline/precompute.py latents``, see ``data.latents``) are read the same way: batches then carry
+``latents`` (and, when stored, the caption embeddings) instead of images; a latent of the wrong shape or with
+NaN/inf values is skipped and counted like a corrupt image.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from . import latents as latent_shards
 from .images import FILTERS, BadSample, decode_image, image_keys, resize_crop
 
 log = logging.getLogger(__name__)
@@ -191,8 +196,10 @@ class ShardStream(IterableDataset):
     and ``position`` = {worker, epoch, consumed, counts, tried}: where this worker is after the batch."""
 
     def __init__(self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
-                 starts: dict[int, tuple[int, int]], worker_offset: int = 0, resume_round: int = 0):
+                 starts: dict[int, tuple[int, int]], worker_offset: int = 0, resume_round: int = 0,
+                 manifest: dict | None = None):
         self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
+        self.manifest = manifest  # a latent manifest: the shards hold latents, not images
         self.rank, self.world_size = rank, world_size
         self.starts = starts  # logical worker → (epoch, raw samples consumed in it)
         self.worker_offset = worker_offset  # DataLoader worker i plays logical worker (i + offset) % W
@@ -252,12 +259,15 @@ class ShardStream(IterableDataset):
             yield epoch, consumed, sample
 
     # -- decoding and batching ---------------------------------------------------------------------------------
-    def process(self, raw: dict, epoch: int):
-        """raw sample → (image uint8 (R, R, 3), caption, key, (w, h)); raises BadSample."""
+    def process(self, raw: dict, epoch: int, box: list | None = None):
+        """raw sample → (image uint8 (R, R, 3) or latent (C, h, w), caption, key, (w, h), text embedding or None);
+        raises BadSample. ``box`` receives the crop's [top, left]."""
         cfg = self.cfg
         caption = caption_of(raw, cfg.caption_keys)
         if not caption and cfg.drop_empty_captions:
             raise BadSample("empty_caption")
+        if self.manifest is not None:
+            return self.process_latent(raw, epoch, caption)
         ext = next((k for k in IMAGE_KEYS if k in raw), None)
         if ext is None:
             raise BadSample("missing_image")
@@ -270,8 +280,25 @@ class ShardStream(IterableDataset):
         rng = None
         if cfg.crop == "random" or cfg.flip:  # per-sample RNG: the same crop whatever the worker or position
             rng = np.random.default_rng([cfg.seed, epoch, zlib.crc32(raw["__key__"].encode())])
-        arr = resize_crop(img, cfg.resolution, cfg.crop, cfg.flip, rng, cfg.resize_filter)
-        return arr, caption, raw["__key__"], size
+        arr = resize_crop(img, cfg.resolution, cfg.crop, cfg.flip, rng, cfg.resize_filter, box)
+        return arr, caption, raw["__key__"], size, None
+
+    def process_latent(self, raw: dict, epoch: int, caption: str):
+        """A latent-shard sample: the stored latent (the mirrored one half of the time with data.flip, chosen as
+        the image path chooses), checked for shape and finiteness."""
+        name = "latent.npy"
+        if self.cfg.flip and np.random.default_rng([self.cfg.seed, epoch, zlib.crc32(raw["__key__"].encode())]) \
+                .random() < 0.5:
+            name = "latent_flip.npy"
+        z = latent_shards.read_latent(raw.get(name), self.manifest["latent_shape"])
+        try:
+            size = tuple(json.loads(raw["json"]).get("original_size", (0, 0))) if "json" in raw else (0, 0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            raise BadSample("bad_json") from None
+        text = latent_shards.read_text(raw["text.npz"]) if self.manifest.get("text") and "text.npz" in raw else None
+        if self.manifest.get("text") and text is None:
+            raise BadSample("missing_text_embedding")
+        return z, caption, raw["__key__"], size, text
 
     def __iter__(self):
         info = get_worker_info()
@@ -295,10 +322,11 @@ class ShardStream(IterableDataset):
                         f"`python -m data.inspect SHARDS`, or raise the limit.") from None
                 continue
             if len(items) == self.batch_size:
-                images, captions, keys, sizes, epochs = zip(*items)
+                xs, captions, keys, sizes, texts, epochs = zip(*items)
                 items = []
-                yield {"images": np.stack(images), "captions": list(captions), "keys": list(keys),
-                       "sizes": np.array(sizes), "epochs": list(epochs),
+                text = {k: np.stack([t[k] for t in texts]) for k in texts[0]} if texts[0] is not None else None
+                yield {"latents" if self.manifest is not None else "images": np.stack(xs), "text": text,
+                       "captions": list(captions), "keys": list(keys), "sizes": np.array(sizes), "epochs": list(epochs),
                        "position": {"worker": worker, "epoch": epoch, "consumed": consumed,
                                     "counts": dict(counts), "tried": tried}}
 
@@ -311,11 +339,13 @@ def hash_seed(*parts: int) -> int:
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, R, R) uint8 — 4× less to move than floats; convert on the device with pixels()
-    captions: list[str]
+    images: torch.Tensor | None  # (B, 3, R, R) uint8 — 4× less to move than floats; convert with pixels(). None
+    captions: list[str]           # for latent shards, which give ``latents`` (B, C, h, w) float16 instead
     keys: list[str]
     epochs: list[int]  # the epoch each sample belongs to
     sizes: torch.Tensor  # (B, 2) original (width, height)
+    latents: torch.Tensor | None = None
+    text: dict[str, torch.Tensor] | None = None  # stored caption embeddings (tokens, mask, pooled), when the shards have them
 
     def pixels(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """The images as contiguous (B, 3, R, R) ``dtype`` in [-1, 1], converted on ``device``.
@@ -341,6 +371,10 @@ class Loader:
             rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = resolve_shards(cfg.shards)
+        self.manifest = latent_shards.find_manifest(self.urls)  # None: image shards
+        if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
+            raise ValueError(f"data.flip=true but the latent shards {cfg.shards!r} hold no mirrored latents: set "
+                             f"data.flip=false, or precompute them again with --flip")
         self.num_workers = max(cfg.num_workers, 1)  # logical workers; 0 DataLoader workers = one, in-process
         if cfg.mode == "exact" and len(self.urls) < world_size * self.num_workers:
             raise ValueError(
@@ -361,7 +395,8 @@ class Loader:
             resume_round = state.get("resume_round", 0) + 1
         self.resume_round = resume_round
         self.dataset = ShardStream(cfg, self.urls, batch_size, rank, world_size, dict(self.positions),
-                                   worker_offset=self.delivered % self.num_workers, resume_round=resume_round)
+                                   worker_offset=self.delivered % self.num_workers, resume_round=resume_round,
+                                   manifest=self.manifest)
         self.pin_memory = pin_memory
 
     def _check_state(self, state: dict):
@@ -381,8 +416,12 @@ class Loader:
             self.positions[pos["worker"]] = (pos["epoch"], pos["consumed"])
             self._counts[pos["worker"]] = pos["counts"]
             self.delivered += 1
-            images = item["images"].permute(0, 3, 1, 2)  # (B, R, R, 3) → (B, 3, R, R), still uint8
-            yield Batch(images, item["captions"], item["keys"], item["epochs"], item["sizes"])
+            text = item["text"]
+            if "latents" in item:
+                yield Batch(None, item["captions"], item["keys"], item["epochs"], item["sizes"], item["latents"], text)
+            else:
+                images = item["images"].permute(0, 3, 1, 2)  # (B, R, R, 3) → (B, 3, R, R), still uint8
+                yield Batch(images, item["captions"], item["keys"], item["epochs"], item["sizes"], None, text)
 
     @property
     def skipped(self) -> dict[str, int]:

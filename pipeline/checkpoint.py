@@ -9,8 +9,9 @@ A checkpoint is ``RUN/checkpoints/step_XXXXXXXX/``:
     recognised by its checksums and ``--resume latest`` falls back to the newest intact one.
 
 The export is ``RUN/model/``: ``unet_ema.safetensors`` (EMA weights), ``unet.safetensors`` (raw weights),
-``config.json`` (model, text-encoder and diffusion config, resolution, step) and, when the text encoder was
-not loaded from pretrained weights, ``text_encoder.safetensors`` so that the sampling job gets the same one.
+``config.json`` (model, text-encoder, autoencoder and diffusion config, resolution, step), when the text encoder was
+not loaded from pretrained weights ``text_encoder.safetensors`` so that the sampling job gets the same one, and for
+a latent model ``vae/`` (the frozen VAE in diffusers' folder layout, float32): the folder is all sampling needs.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def check_model_config(path: Path, model_config: dict):
 # --- export ------------------------------------------------------------------------------------------------------
 
 def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_config, text_cfg, text_encoder,
-                 diffusion_cfg, resolution: int, step: int):
+                 diffusion_cfg, resolution: int, step: int, vae=None, autoencoder_cfg=None):
     """Write RUN/model/ atomically (main process)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -211,6 +212,14 @@ def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_confi
         text["config_file"] = Path(text_cfg.config_file).name
     meta = {"format": 1, "step": step, "resolution": resolution, "model": dataclasses.asdict(unet_config),
             "text_encoder": text, "diffusion": dataclasses.asdict(diffusion_cfg)}
+    if vae is not None:  # bundled: the scale and shift used in training, resolved, beside the VAE's own weights
+        (tmp / "vae").mkdir()
+        vae.vae.save_config(tmp / "vae")
+        save_file({k: v.float() for k, v in cpu(vae.vae.state_dict()).items()},
+                  str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+        meta["autoencoder"] = {**dataclasses.asdict(autoencoder_cfg), "path": "vae", "config": None,
+                               "scaling_factor": vae.scale, "shift_factor": vae.shift, "fingerprint": vae.fingerprint,
+                               "source": vae.source}
     (tmp / "config.json").write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -219,8 +228,10 @@ def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_confi
 
 
 def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
-    """(unet, text_encoder, diffusion, meta) from an exported ``model/`` folder; EMA weights unless ema=False."""
+    """(unet, text_encoder, diffusion, vae, meta) from an exported ``model/`` folder; EMA weights unless ema=False;
+    vae is None for a pixel-space model."""
     from diffusion import DiffusionConfig, GaussianDiffusion
+    from models.autoencoder import AutoencoderConfig, load_autoencoder
     from models.text_encoders import TextEncoderConfig, build_text_encoder
     from models.unet import UNet, UNetConfig
 
@@ -244,5 +255,12 @@ def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
     unet.load_state_dict(read_safetensors(weights))
     unet.to(device).eval().requires_grad_(False)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(**meta["diffusion"]))
-    return unet, encoder, diffusion, meta
+    vae = None
+    if meta.get("autoencoder"):
+        fields = {f.name for f in dataclasses.fields(AutoencoderConfig)}
+        vae_cfg = AutoencoderConfig(**{k: v for k, v in meta["autoencoder"].items() if k in fields})
+        if not Path(vae_cfg.path).is_absolute():
+            vae_cfg.path = str(model_dir / vae_cfg.path)
+        vae = load_autoencoder(vae_cfg, device)
+    return unet, encoder, diffusion, vae, meta
 

@@ -18,6 +18,7 @@ import yaml
 
 from data import DataConfig
 from diffusion import DiffusionConfig
+from models.autoencoder import AutoencoderConfig
 from models.text_encoders import TextEncoderConfig
 
 
@@ -108,6 +109,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelSection = field(default_factory=ModelSection)
     text_encoder: TextSection = field(default_factory=TextSection)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # path null: pixel space
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimSection = field(default_factory=OptimSection)
     ema: EMASection = field(default_factory=EMASection)
@@ -118,7 +120,13 @@ class TrainConfig:
     def validate(self):
         from models.registry import SIZES, model_config
 
-        self.data.validate()
+        try:
+            self.data.validate()
+            self.autoencoder.validate()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.model.size not in SIZES:
             raise ConfigError(f"model.size={self.model.size!r}; allowed: {', '.join(SIZES)}")
         try:

@@ -243,7 +243,7 @@ def cmd_run(args) -> dict:
     captions = read_captions(args.captions, args.num_images)
     if len(captions) < args.num_images:
         log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
-    model, encoder, diffusion, meta = load_exported(args.model, state.device)
+    model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
     scorer = CLIPScorer(args.clip_model, args.clip_config, args.allow_download, state.device)
     extractor = CLIPImageExtractor(scorer) if args.fd_features == "clip" else \
         InceptionExtractor(args.inception_weights, state.device)
@@ -258,7 +258,7 @@ def cmd_run(args) -> dict:
         todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
         log.info("guidance %g: %d of %d images to generate", g, todo, len(jobs))
         records = run_jobs(jobs, model, encoder, diffusion, meta["resolution"], folder, args.sampler, args.steps,
-                           args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process)
+                           args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process, vae=vae)
         if state.is_main_process:  # each image → its caption and seed (the images alone do not say)
             (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         state.wait_for_everyone()

@@ -23,15 +23,18 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], seeds: list[int], resolution: int,
              guidance: float = 3.0, negative: list[str] | None = None, sampler: str = "ddim",
              steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
-             clip_x0: float | None = 1.0, progress_callback=None) -> torch.Tensor:
-    """One batch: images (B, C, R, R) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``.
+             clip_x0: float | None = 1.0, progress_callback=None, vae=None) -> torch.Tensor:
+    """One batch: images (B, 3, R, R) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``.
 
+    With a ``vae`` the sampler runs on (B, ``channels``, R/f, R/f) latents, unclipped (latents are not bounded by
+    ±1), and the VAE decodes them to R px.
     ``negative[i]`` (default "") is what the unconditional branch sees. Guidance 1 runs the conditional branch
     only; otherwise both branches run in one batched forward (diffusion.guidance)."""
     device = device or next(model.parameters()).device
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
-    noise = torch.stack([torch.randn(channels, resolution, resolution, generator=g, device=device) for g in gens])
+    size = resolution // vae.factor if vae is not None else resolution
+    noise = torch.stack([torch.randn(channels, size, size, generator=g, device=device) for g in gens])
     cond = cond_to(encoder.encode(list(prompts)), device, dtype)
     uncond = cond_to(encoder.encode(list(negative)), device, dtype) if guidance != 1 else None
 
@@ -39,8 +42,10 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
         return model(x.to(dtype), t, c).float()
 
     images = sample(sampler, net, noise, diffusion, steps=steps, cond=cond,
-                    guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=clip_x0), generator=gens,
-                    callback=progress_callback)
+                    guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=None if vae is not None else clip_x0),
+                    generator=gens, callback=progress_callback)
+    if vae is not None:
+        images = vae.decode(images)
     return images.clamp(-1, 1)
 
 

@@ -1,10 +1,20 @@
-"""Run the frozen text encoder once over every caption in the shards and store the embeddings (fp16).
+"""Run the frozen encoders once, offline, so that training reads their outputs instead of running them every step.
 
-    python pipeline/precompute.py --config launch/configs/demo.yaml --out runs/demo_captions.safetensors [key=value ...]
+    python pipeline/precompute.py captions --config CFG --out caps.safetensors [section.key=value ...]
+    python pipeline/precompute.py latents  --config CFG --out DIR [--flip] [--text] [section.key=value ...]
+    accelerate launch pipeline/precompute.py latents ...      # the shards are split over the processes
 
-Then train with ``text_encoder.cache=runs/demo_captions.safetensors``: the loop looks captions up instead of running
-the encoder (the empty caption of caption dropout and the sample-grid prompts are stored too). The file records the
-encoder's identity and refuses to load for a different encoder. Images are not decoded: only captions are read.
+``captions``: every caption of ``data.shards`` through the text encoder into one fp16 file; train with
+``text_encoder.cache=caps.safetensors`` (the empty caption and the sample-grid prompts are stored too; the file
+records the encoder and refuses another).
+
+``latents``: every image of ``data.shards`` decoded, filtered, resized and cropped exactly as the training loader
+does (the same skip reasons are counted), encoded by the VAE of ``autoencoder`` (its posterior mean, scaled), and
+written as new shards ``DIR/00000.tar ...`` (one per input shard; layout in ``data/latents.py``), with ``--flip`` the
+latent of the mirrored crop too (so ``data.flip`` still works) and with ``--text`` the caption embeddings. Then
+train with ``data.shards=DIR``: the U-Net reads latents, the VAE only decodes sample grids. Each shard is written under
+a temporary name and renamed when complete: a rerun keeps finished shards and does the rest. ``DIR/manifest.json``
+names the VAE (fingerprint, scale, shift), the resolution and the counts; training refuses shards made otherwise.
 """
 
 from __future__ import annotations
@@ -17,9 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.loader import read_captions  # noqa: E402
+from data import latents as latent_shards  # noqa: E402
+from data.loader import FILTERED, ShardStream, read_captions, read_shard, resolve_shards  # noqa: E402
+from data.images import BadSample  # noqa: E402
+from models.autoencoder import load_autoencoder  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
 from pipeline.config import ConfigError, load_config  # noqa: E402
 
@@ -34,23 +49,10 @@ def collect_captions(shards, caption_keys) -> tuple[list[str], Counter]:
     return list(captions), skipped
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="the run's YAML config (data.shards and text_encoder are used)")
-    p.add_argument("--out", required=True, help="output .safetensors file of caption embeddings")
-    p.add_argument("--batch-size", type=int, default=256, help="captions per encoder batch")
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu",
-                   help="where the encoder runs")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = p.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        captions, skipped = collect_captions(cfg.data.shards, cfg.data.caption_keys)
-        captions += [p for p in cfg.logging.sample_prompts if p not in set(captions)]  # the sample grids' prompts
-        encoder = CachedTextEncoder(build_text_encoder(cfg.text_encoder).to(args.device))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+def cmd_captions(args, cfg):
+    captions, skipped = collect_captions(cfg.data.shards, cfg.data.caption_keys)
+    captions += [p for p in cfg.logging.sample_prompts if p not in set(captions)]  # the sample grids' prompts
+    encoder = CachedTextEncoder(build_text_encoder(cfg.text_encoder).to(args.device))
     for i in tqdm(range(0, len(captions), args.batch_size), desc="encoding", unit="batch"):
         encoder.encode(captions[i:i + args.batch_size])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +60,160 @@ def main(argv=None):
     log.info("stored %d distinct captions (+ the empty one) in %s; skipped %s", len(captions) - 1, args.out,
              dict(skipped) or "none")
     return args.out
+
+
+class LatentWriter:
+    """Encodes one input shard into one latent shard (written as NAME.tmp, renamed when complete)."""
+
+    def __init__(self, cfg, vae, text_encoder, flip: bool, batch_size: int, device):
+        self.cfg, self.vae, self.text, self.flip = cfg, vae, text_encoder, flip
+        self.batch_size, self.device = batch_size, device
+        data = cfg.data
+        if data.flip:  # the loader would mirror at random; here both sides are stored instead (--flip)
+            from dataclasses import replace
+
+            data = replace(data, flip=False)
+        self.stream = ShardStream(data, [], 1, 0, 1, {})  # only its per-sample transform is used
+
+    def write_shard(self, url: str, out: Path) -> dict:
+        import webdataset as wds
+
+        counts: Counter = Counter()
+        tmp = out.with_name(out.name + ".tmp")
+        written, batch = 0, []
+        with wds.TarWriter(str(tmp)) as sink:
+            def flush():
+                nonlocal written
+                if not batch:
+                    return
+                pixels = torch.from_numpy(np.stack([b[0] for b in batch])).to(self.device)
+                pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)
+                z = self.vae.encode(pixels).half().cpu().numpy()
+                z_flip = self.vae.encode(pixels.flip(-1)).half().cpu().numpy() if self.flip else None
+                text = self.text.encode([b[1] for b in batch]) if self.text is not None else None
+                for i, (_, caption, key, size, box) in enumerate(batch):
+                    sample = {"__key__": key, "latent.npy": latent_shards.npy_bytes(z[i]), "txt": caption,
+                              "json": {"original_size": list(size), "crop_top_left": box, "source": url}}
+                    if z_flip is not None:
+                        sample["latent_flip.npy"] = latent_shards.npy_bytes(z_flip[i])
+                    if text is not None:
+                        sample["text.npz"] = latent_shards.npz_bytes(
+                            tokens=text["tokens"][i].half().cpu().numpy(), mask=text["mask"][i].cpu().numpy(),
+                            pooled=text["pooled"][i].half().cpu().numpy())
+                    sink.write(sample)
+                written += len(batch)
+                batch.clear()
+
+            for raw in read_shard(url, counts):
+                box: list = []
+                try:
+                    arr, caption, key, size, _ = self.stream.process(raw, 0, box)
+                except BadSample as bad:
+                    counts[bad.reason] += 1
+                    continue
+                batch.append((arr, caption, key, size, box))
+                if len(batch) == self.batch_size:
+                    flush()
+            flush()
+        info = {"source": url, "samples": written, "skipped": dict(counts)}
+        latent_shards.write_json_atomic(out.with_suffix(".json"), info)  # before the rename: a done shard has both
+        tmp.replace(out)
+        return info
+
+
+def manifest_of(cfg, vae, text_encoder, flip: bool, urls: list[str], infos: list[dict]) -> dict:
+    skipped = sum((Counter(i["skipped"]) for i in infos), Counter())
+    size = cfg.data.resolution // vae.factor
+    return {"kind": latent_shards.KIND, "format": 1,
+            "vae": {**vae.identity(), "source": vae.source}, "resolution": cfg.data.resolution,
+            "latent_shape": [vae.channels, size, size], "dtype": "float16", "crop": cfg.data.crop,
+            "resize_filter": cfg.data.resize_filter, "flip": flip,
+            "text": text_encoder.identity if text_encoder is not None else None,
+            "shards": [f"{i:05d}.tar" for i in range(len(urls))], "sources": urls,
+            "shards_pattern": f"{{00000..{len(urls) - 1:05d}}}.tar", "samples": sum(i["samples"] for i in infos),
+            "skipped": dict(skipped), "failed": sum(v for k, v in skipped.items() if k not in FILTERED),
+            "complete": True}
+
+
+def cmd_latents(args, cfg):
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank, world = state.process_index, state.num_processes
+    device = state.device if world > 1 else torch.device(args.device)
+    if cfg.autoencoder.path is None:
+        raise ValueError("precompute latents needs a VAE: set autoencoder.path (a VAE folder or .safetensors file)")
+    urls = resolve_shards(cfg.data.shards)
+    if latent_shards.find_manifest(urls) is not None:
+        raise ValueError(f"data.shards={cfg.data.shards!r} already holds latents; point it at the image shards")
+    vae = load_autoencoder(cfg.autoencoder, device)
+    if cfg.data.resolution % vae.factor:
+        raise ValueError(f"data.resolution={cfg.data.resolution} does not divide by the VAE's factor {vae.factor}")
+    text_encoder = build_text_encoder(cfg.text_encoder).to(device) if args.text else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = latent_shards.find_manifest([str(out / "00000.tar")])
+    if previous is not None:  # refuse to mix: the shards already there were made otherwise
+        check = {"vae": {k: previous["vae"].get(k) for k in vae.identity()}, "resolution": previous["resolution"],
+                 "flip": previous["flip"], "text": previous["text"], "sources": previous["sources"]}
+        now = {"vae": vae.identity(), "resolution": cfg.data.resolution, "flip": args.flip,
+               "text": text_encoder.identity if text_encoder is not None else None, "sources": urls}
+        if check != now:
+            diff = [k for k in now if check[k] != now[k]]
+            raise ValueError(f"{out} holds latent shards made with another {', '.join(diff)}; write to an empty "
+                             f"folder (nothing there was changed)")
+    if previous is None and state.is_main_process:  # names what the folder holds before any shard is written
+        started = manifest_of(cfg, vae, text_encoder, args.flip, urls, [])
+        latent_shards.write_json_atomic(out / latent_shards.MANIFEST, {**started, "samples": None, "complete": False})
+    state.wait_for_everyone()
+    writer = LatentWriter(cfg, vae, text_encoder, args.flip, args.batch_size, device)
+    mine = [i for i in range(len(urls)) if i % world == rank]
+    done = [i for i in mine if (out / f"{i:05d}.tar").is_file() and (out / f"{i:05d}.json").is_file()]
+    if done:
+        log.info("rank %d: %d of its %d shards are already written; keeping them", rank, len(done), len(mine))
+    for i in tqdm([i for i in mine if i not in done], desc=f"encoding shards (rank {rank})", unit="shard",
+                  disable=not state.is_main_process):
+        info = writer.write_shard(urls[i], out / f"{i:05d}.tar")
+        log.info("%s → %05d.tar: %d samples, skipped %s", urls[i], i, info["samples"], info["skipped"] or "none")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        infos = [latent_shards.read_json(out / f"{i:05d}.json") for i in range(len(urls))]
+        manifest = manifest_of(cfg, vae, text_encoder, args.flip, urls, infos)
+        latent_shards.write_json_atomic(out / latent_shards.MANIFEST, manifest)
+        log.info("wrote %d latent samples (%s) in %d shards to %s; skipped %s. Train with data.shards=%s",
+                 manifest["samples"], "×".join(map(str, manifest["latent_shape"])), len(urls), out,
+                 manifest["skipped"] or "none", out)
+    state.wait_for_everyone()
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in ("captions", "latents", "-h", "--help"):
+        argv = ["captions", *argv]  # the earlier form: precompute.py --config CFG --out FILE
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["captions", "latents"],
+                   help="captions: caption embeddings → one .safetensors file (text_encoder.cache); latents: VAE "
+                        "latents (+ optional mirrored latents and caption embeddings) → latent shards")
+    p.add_argument("--config", help="the run's YAML config (data, text_encoder, autoencoder are used)")
+    p.add_argument("--out", required=True, help="captions: output .safetensors file; latents: output folder")
+    p.add_argument("--batch-size", type=int, help="captions per encoder batch (default 256) / images per VAE batch "
+                                                  "(default 32)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the encoders run (one process; under accelerate launch, each process's own)")
+    p.add_argument("--flip", action="store_true", help="latents: also store the latent of the mirrored crop")
+    p.add_argument("--text", action="store_true", help="latents: also store each caption's text-encoder embedding")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    args = p.parse_intermixed_args(argv)
+    args.batch_size = args.batch_size or (256 if args.command == "captions" else 32)
+    if args.command == "captions" and (args.flip or args.text):
+        p.error("--flip and --text belong to `latents`")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        return (cmd_captions if args.command == "captions" else cmd_latents)(args, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def make_jobs(prompts: list[dict], guidances: list[float], num_images: int, seed
 
 def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_dir: Path, sampler: str,
              steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
-             skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None) -> list[dict]:
+             skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
+             vae=None) -> list[dict]:
     """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata."""
     from PIL import Image
 
@@ -102,7 +103,7 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_di
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
                                   resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
-                                  steps=steps, channels=model.cfg.in_channels, device=device)
+                                  steps=steps, channels=model.cfg.in_channels, device=device, vae=vae)
             for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
                 tmp = images_dir / (j.name + ".tmp")
                 Image.fromarray(img).save(tmp, format="PNG")
@@ -178,7 +179,7 @@ def main(argv=None):
         check_args(args)
         prompts = read_prompts(args)
         device = state.device if state.num_processes > 1 else torch.device(args.device)
-        model, encoder, diffusion, meta = load_exported(args.model, device, ema=not args.no_ema)
+        model, encoder, diffusion, vae, meta = load_exported(args.model, device, ema=not args.no_ema)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
@@ -191,7 +192,7 @@ def main(argv=None):
                        args.batch_size, state.process_index, state.num_processes, dtype,
                        progress=state.is_main_process,
                        extra_meta={"model": str(Path(args.model).resolve()), "model_step": meta["step"],
-                                   "ema": not args.no_ema})
+                                   "ema": not args.no_ema}, vae=vae)
     state.wait_for_everyone()
     if state.is_main_process:
         with open(out / "metadata.jsonl", "w") as f:

@@ -31,8 +31,10 @@ from accelerate.utils import ProjectConfiguration, gather_object, set_seed  # no
 from tqdm import tqdm  # noqa: E402
 
 from data import Loader  # noqa: E402
+from data.latents import check_manifest  # noqa: E402
 from data.loader import hash_seed  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
+from models.autoencoder import load_autoencoder  # noqa: E402
 from models.registry import model_config  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
 from models.unet import UNet  # noqa: E402
@@ -112,7 +114,47 @@ def update_ema(ema, model, accelerator):
             ema.update()
 
 
-def save_sample_grid(sampler_model, encoder, diffusion, cfg: TrainConfig, path: Path | None, device) -> Path | None:
+def latent_geometry(unet_cfg, vae, resolution: int):
+    """Check that the U-Net's input channels and the sizes fit the VAE and the resolution (ValueError otherwise)."""
+    channels = vae.channels if vae is not None else 3
+    if unet_cfg.in_channels != channels:
+        what = f"the VAE's latents have {channels} channels" if vae is not None else "images have 3 channels"
+        raise ValueError(f"the U-Net takes {unet_cfg.in_channels} input channels but {what}: remove "
+                         f"model.overrides.in_channels (it follows the VAE)")
+    factor = vae.factor if vae is not None else 1
+    if resolution % factor:
+        raise ValueError(f"data.resolution={resolution} does not divide by the VAE's downsampling factor {factor}: "
+                         f"use a multiple of {factor}")
+    levels = 2 ** (len(unet_cfg.channel_mult) - 1)
+    size = resolution // factor
+    if size % levels:
+        raise ValueError(f"the U-Net's input is {size}×{size} ({'latents of ' if vae else ''}data.resolution="
+                         f"{resolution}), which its {len(unet_cfg.channel_mult)} levels cannot halve "
+                         f"{len(unet_cfg.channel_mult) - 1} times evenly: use a resolution that is a multiple of "
+                         f"{levels * factor}")
+
+
+def batch_input(batch, vae, device) -> torch.Tensor:
+    """x₀ of a batch: the stored latents (latent shards), the VAE's encoding of the pixels (live), or the pixels."""
+    if batch.latents is not None:
+        return batch.latents.to(device, torch.float32, non_blocking=True)
+    pixels = batch.pixels(device)
+    return vae.encode(pixels) if vae is not None else pixels
+
+
+def batch_cond(batch, captions: list[str], encoder, empty: dict | None, device) -> dict:
+    """The conditioning: the shards' stored caption embeddings (``empty`` — the "" embedding — where caption dropout
+    emptied a caption), or the text encoder's (or its cache's) output."""
+    if batch.text is None or empty is None:
+        return cond_to(encoder.encode(captions), device)
+    cond = {k: v.to(device) for k, v in batch.text.items()}
+    cond = {k: v.float() if v.is_floating_point() else v.bool() for k, v in cond.items()}
+    dropped = torch.tensor([c == "" for c in captions], device=device)
+    return {k: torch.where(dropped.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v) for k, v in cond.items()}
+
+
+def save_sample_grid(sampler_model, encoder, diffusion, cfg: TrainConfig, path: Path | None, device,
+                     vae=None) -> Path | None:
     """Fixed prompts at a fixed seed and guidance: the same picture at every step, so progress is visible. Written
     to ``path`` (None: sample, write nothing: the other ranks under ZeRO-3, whose forward passes gather the shards)."""
     from torchvision.utils import save_image
@@ -123,7 +165,8 @@ def save_sample_grid(sampler_model, encoder, diffusion, cfg: TrainConfig, path: 
     images = generate(sampler_model, encoder, diffusion, prompts, seeds, cfg.data.resolution,
                       guidance=lc.sample_guidance, sampler=lc.sample_sampler, steps=lc.sample_steps,
                       channels=sampler_model.cfg.in_channels, device=device,
-                      dtype=next(sampler_model.parameters()).dtype)  # bf16 weights under DeepSpeed without EMA
+                      dtype=next(sampler_model.parameters()).dtype,  # bf16 weights under DeepSpeed without EMA
+                      vae=vae)
     if path is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -274,8 +317,21 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         encoder = CachedTextEncoder(text_encoder) if cfg.text_encoder.cache else text_encoder
         if cfg.text_encoder.cache:
             encoder.load(cfg.text_encoder.cache)
-        unet_cfg = model_config(cfg.model.size, context_dim=text_encoder.dim, pooled_dim=text_encoder.pooled_dim,
-                                **cfg.model.overrides)
+        vae = load_autoencoder(cfg.autoencoder, device)  # frozen: outside the optimiser, DDP and ZeRO
+        unet_cfg = model_config(cfg.model.size, **{"context_dim": text_encoder.dim,
+                                                   "pooled_dim": text_encoder.pooled_dim,
+                                                   "in_channels": vae.channels if vae is not None else 3,
+                                                   **cfg.model.overrides})
+        latent_geometry(unet_cfg, vae, cfg.data.resolution)
+        empty = None  # the "" embedding, when the shards store caption embeddings of this text encoder
+        if loader.manifest is not None:
+            check_manifest(loader.manifest, vae.identity() if vae is not None else None, cfg.data.resolution)
+            stored = loader.manifest.get("text")
+            if stored and stored != text_encoder.identity:
+                log.warning("the latent shards' caption embeddings come from text encoder %s, not the configured "
+                            "%s: encoding the captions instead", stored, text_encoder.identity)
+            elif stored:
+                empty = cond_to(text_encoder.encode([""]), device)
         if resume_from:
             ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg))
     except (FileNotFoundError, ValueError) as e:
@@ -318,10 +374,12 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         engine = f"DeepSpeed ZeRO-{dist.zero_stage(accelerator)}" if under_deepspeed else \
             ("DDP" if world > 1 else "one process")
         log.info("model %s: %.2fM parameters; text encoder %s (%s); %d process(es) on %s, %s, precision %s, "
-                 "grad accumulation %d; data: %d shards", cfg.model.size,
+                 "grad accumulation %d; data: %d %s shards; %s", cfg.model.size,
                  accelerator.unwrap_model(model).num_parameters() / 1e6, cfg.text_encoder.name,
                  "cached" if cfg.text_encoder.cache else "live", world, device.type, engine, accelerator.mixed_precision,
-                 o.grad_accum, len(loader.urls))
+                 o.grad_accum, len(loader.urls), "latent" if loader.manifest else "image",
+                 f"latent space of {vae.source} ({vae.channels}×{cfg.data.resolution // vae.factor}²)" if vae else
+                 "pixel space")
     accelerator.init_trackers(cfg.logging.project, config=_flat(dataclasses.asdict(cfg)))
 
     net = network(model, None if weights_dtype == torch.float32 else weights_dtype, cfg.train.channels_last)
@@ -345,8 +403,8 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
             counts.dropped += dropped
             counts.seen += len(captions)
             images_since += len(captions)
-            cond = cond_to(encoder.encode(captions), device)
-            x0 = batch.pixels(device)
+            cond = batch_cond(batch, captions, encoder, empty, device)
+            x0 = batch_input(batch, vae, device)
             noise_gen = torch.Generator(device).manual_seed(hash_seed(cfg.train.seed, rank, step, micro, 1))
             with accelerator.accumulate(model):
                 with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
@@ -409,7 +467,7 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
             if accelerator.is_main_process or zero3_weights:
                 sampler_model = ema.ema_model if ema is not None else accelerator.unwrap_model(model)
                 path = run_dir / "samples" / f"step_{step:08d}.png" if accelerator.is_main_process else None
-                save_sample_grid(sampler_model, encoder, diffusion, cfg, path, device)
+                save_sample_grid(sampler_model, encoder, diffusion, cfg, path, device, vae)
                 if path is not None:
                     _log_image(accelerator, path, step)
             accelerator.wait_for_everyone()
@@ -425,7 +483,8 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
     unet_state = accelerator.get_state_dict(model)  # collective (gathers ZeRO-3 shards)
     if accelerator.is_main_process:
         ckpt.export_model(run_dir / "model", unet_state, ema.ema_model.state_dict() if ema is not None else None,
-                          unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, counts.step)
+                          unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, counts.step,
+                          vae, cfg.autoencoder)
         log.info("done: %d steps (%d optimiser steps; skipped: %d for non-finite loss, %d for non-finite gradients); "
                  "caption dropout %.3f; skipped samples %s", counts.step, counts.optimizer_steps, counts.nan_skips,
                  counts.overflow_skips, counts.dropped / max(1, counts.seen), loader.skipped or "none")

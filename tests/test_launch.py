@@ -196,7 +196,7 @@ def check_run(run: Path, case: Case, step: int, log: str):
     assert all(m["grad_norm"] > 0 for m in metrics if m["overflow_skips"] == 0)  # DeepSpeed's norm too
     assert (run / "model" / "unet_ema.safetensors").is_file() == case.ema
     for ema in {False, case.ema}:  # the exported weights load into the U-Net, finite
-        unet, _, _, meta = load_exported(run / "model", ema=ema)
+        unet, _, _, _, meta = load_exported(run / "model", ema=ema)
         assert meta["step"] == step
         assert all(torch.isfinite(v).all() for v in unet.state_dict().values())
     assert (run / "samples" / f"step_{step:08d}.png").is_file()  # the sample grid (every rank under ZeRO-3)

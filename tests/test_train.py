@@ -108,7 +108,7 @@ def test_short_run_lowers_loss_exports_and_logs(shards, tmp_path):
     assert (run / "samples" / "step_00000020.png").is_file() and (run / "samples" / "step_00000040.png").is_file()
     assert list((run / "logs").rglob("events.out.tfevents*")), "no TensorBoard events"
     assert (run / "config.yaml").is_file() and load_config(run / "config.yaml").train.max_steps == 40
-    unet, encoder, diffusion, meta = load_exported(run / "model")
+    unet, encoder, diffusion, _, meta = load_exported(run / "model")
     assert meta["step"] == 40 and meta["resolution"] == 16
     assert_same(unet.state_dict(), weights(run / "model" / "unet_ema.safetensors"))
     out = unet(torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), encoder.encode(["a red circle", ""]))

@@ -1,0 +1,109 @@
+"""Precomputed latent shards: what ``pipeline/precompute.py latents`` writes and the loader reads.
+
+A latent shard is a WebDataset tar like the image shards, one sample per image that the loader would have taken:
+
+    KEY.latent.npy       the VAE's scaled posterior mean of the cropped image, float16 (C, R/f, R/f)
+    KEY.latent_flip.npy  the same for the horizontally mirrored crop (only with --flip: data.flip works on it)
+    KEY.text.npz         the caption's embedding: tokens (L, D) float16, mask (L,) bool, pooled (D,) float16
+                         (only with --text)
+    KEY.txt              the caption
+    KEY.json             {"original_size": [w, h], "crop_top_left": [top, left], "source": shard URL}
+
+``DIR/manifest.json`` (``"kind": "latents"``) names the VAE (a fingerprint of its weights), its scale and shift, the
+resolution, the crop, the latent shape, the text encoder when embeddings are stored, and the counts. Training reads
+it from the folder of the first shard and refuses shards whose VAE, scale, shift or resolution differ from the run's.
+Arrays are stored as ``.npy``/``.npz`` and read with ``allow_pickle=False``: a shard cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .images import BadSample
+
+KIND = "latents"
+MANIFEST = "manifest.json"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def read_latent(data: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
+    """A stored latent, checked: the right shape and finite. Raises BadSample (counted by the loader)."""
+    if data is None:
+        raise BadSample("missing_latent")
+    try:
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadSample("bad_latent", str(e)) from None
+    if tuple(z.shape) != tuple(shape):
+        raise BadSample("bad_latent_shape", f"{tuple(z.shape)}, expected {tuple(shape)}")
+    if not np.isfinite(z).all():
+        raise BadSample("nonfinite_latent")
+    return z
+
+
+def read_text(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
+            return {k: f[k] for k in ("tokens", "mask", "pooled")}
+    except (ValueError, OSError, EOFError, KeyError) as e:
+        raise BadSample("bad_text_embedding", str(e)) from None
+
+
+def find_manifest(urls: list[str]) -> dict | None:
+    """The latent manifest beside the first local shard, or None (image shards, or shards behind URLs)."""
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if not local:
+        return None
+    path = Path(local[0]).parent / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path)
+    return manifest if isinstance(manifest, dict) and manifest.get("kind") == KIND else None
+
+
+def check_manifest(manifest: dict, vae_identity: dict | None, resolution: int, where: str = "data.shards"):
+    """Refuse latent shards that the configured VAE and resolution did not make (a ValueError saying what differs)."""
+    made = manifest["vae"]
+    if not manifest.get("complete"):
+        raise ValueError(f"{where}: the latent precompute that writes these shards has not finished (its manifest "
+                         f"is incomplete): run it again with the same arguments, it keeps the shards already written")
+    if vae_identity is None:
+        raise ValueError(f"{where} holds latents (made by the VAE {made.get('source')}) but autoencoder.path is null: "
+                         f"set autoencoder.path to that VAE, or point {where} at image shards")
+    diff = {k: (made.get(k), vae_identity[k]) for k in ("fingerprint", "scaling_factor", "shift_factor")
+            if made.get(k) != vae_identity[k]}
+    if manifest["resolution"] != resolution:
+        diff["resolution"] = (manifest["resolution"], resolution)
+    if diff:
+        raise ValueError(f"{where} holds latents made by another VAE, scale, shift or resolution: {diff} (shards, "
+                         f"run). Train with the VAE and resolution that made them ({made.get('source')}), or "
+                         f"precompute again: python pipeline/precompute.py latents --config CFG --out NEW_DIR")
+
+
+def write_json_atomic(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
