@@ -43,7 +43,7 @@ class DiffusionConfig:
     """The diffusion section of a run's config."""
 
     num_steps: int = 1000  # T
-    schedule: str = "linear"  # linear | cosine
+    schedule: str = "linear"  # linear | cosine | scaled_linear (Stable Diffusion's)
     zero_terminal_snr: bool = False  # rescale so ᾱ_T = 0 (needs prediction = v or x0)
     prediction: str = "epsilon"  # epsilon | v | x0: what the network predicts
     loss_weighting: str = "simple"  # simple (c_n = 1) | elbo | min_snr

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-SCHEDULES = ("linear", "cosine")
+SCHEDULES = ("linear", "cosine", "scaled_linear")
 
 
 def _check_num_steps(num_steps: int) -> None:
@@ -40,6 +40,16 @@ def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     if num_steps == 1:
         return torch.tensor([end], dtype=torch.float64)
     return torch.linspace(start, end, num_steps, dtype=torch.float64)
+
+
+def scaled_linear_betas(num_steps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    """Latent diffusion's schedule (Rombach et al. 2022; Stable Diffusion 1.x–2.x and SDXL): √β linear from √0.00085
+    to √0.012 over T = 1000 steps. Gentler than DDPM's at the noisy end (ᾱ_T ≈ 0.0047 vs 4e-5): the VAE's latents
+    are already compressed, and SD's published weights were trained on it."""
+    _check_num_steps(num_steps)
+    if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
+        raise ValueError(f"beta_start and beta_end must lie in (0, 1), got {beta_start}, {beta_end}")
+    return torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
 
 
 def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -78,6 +88,8 @@ def make_betas(name: str, num_steps: int, zero_terminal_snr: bool = False) -> to
         betas = linear_betas(num_steps)
     elif name == "cosine":
         betas = cosine_betas(num_steps)
+    elif name == "scaled_linear":
+        betas = scaled_linear_betas(num_steps)
     else:
         raise ValueError(f"unknown schedule {name!r}; allowed values: {', '.join(SCHEDULES)}")
     return rescale_zero_terminal_snr(betas) if zero_terminal_snr else betas

@@ -13,6 +13,10 @@ SIZES: dict[str, UNetConfig] = {
     "small": UNetConfig(base_channels=128, channel_mult=(1, 2, 3, 4), num_res_blocks=2, attention_levels=(1, 2, 3)),
     # ~400M, GLIDE / Imagen base-64 scale
     "base": UNetConfig(base_channels=224, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_levels=(1, 2, 3)),
+    # ~710M with a 768-wide text encoder: Stable Diffusion 1.x's U-Net shape (320 channels, ×1/2/4/4, attention at the
+    # three finest levels; SD's own is 860M with its transformer blocks' feed-forwards) for 32–64² VAE latents
+    "sd": UNetConfig(base_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(0, 1, 2),
+                     head_channels=64),
     # ~1B
     "large": UNetConfig(base_channels=352, channel_mult=(1, 2, 3, 4), num_res_blocks=3, attention_levels=(1, 2, 3)),
 }

@@ -23,7 +23,15 @@ def test_cosine_matches_diffusers(T):
     torch.testing.assert_close(cosine_betas(T).float(), ref.betas, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_scaled_linear_matches_diffusers():
+    """Stable Diffusion's schedule: diffusers' "scaled_linear" with SD's end points."""
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    ours = make_betas("scaled_linear", 1000)
+    torch.testing.assert_close(ours.float(), ref.betas, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(torch.cumprod(1 - ours, 0).float(), ref.alphas_cumprod, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear"])
 def test_zero_terminal_snr_matches_diffusers(name):
     betas = make_betas(name, 1000)
     ours = rescale_zero_terminal_snr(betas)
@@ -50,7 +58,7 @@ def test_bad_num_steps(T):
 
 
 def test_bad_schedule_name_lists_allowed():
-    with pytest.raises(ValueError, match="allowed values: linear, cosine"):
+    with pytest.raises(ValueError, match="allowed values: linear, cosine, scaled_linear"):
         make_betas("sigmoid", 1000)
 
 
