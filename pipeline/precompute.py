@@ -174,7 +174,8 @@ def cmd_latents(args, cfg):
     for i in tqdm([i for i in mine if i not in done], desc=f"encoding shards (rank {rank})", unit="shard",
                   disable=not state.is_main_process):
         info = writer.write_shard(urls[i], out / f"{i:05d}.tar")
-        log.info("%s → %05d.tar: %d samples, skipped %s", urls[i], i, info["samples"], info["skipped"] or "none")
+        log.info("rank %d: %s → %05d.tar: %d samples, skipped %s", rank, urls[i], i, info["samples"],
+                 info["skipped"] or "none")
     state.wait_for_everyone()
     if state.is_main_process:
         infos = [latent_shards.read_json(out / f"{i:05d}.json") for i in range(len(urls))]

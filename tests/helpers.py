@@ -19,3 +19,19 @@ def write_hf_tokenizer(d: Path):
     tokenizer = CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"))
     tokenizer.save_pretrained(d)
     return tokenizer
+
+
+def make_vae(folder: Path, latent_channels: int = 4, scaling_factor: float = 0.5, shift_factor=None, seed: int = 0,
+             sample_size: int = 16):
+    """A small random diffusers AutoencoderKL (3 levels: factor 4), saved with save_pretrained to ``folder``."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=latent_channels,
+                        norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, mid_block_add_attention=False,
+                        sample_size=sample_size, scaling_factor=scaling_factor, shift_factor=shift_factor,
+                        use_quant_conv=latent_channels == 4, use_post_quant_conv=latent_channels == 4)
+    vae.save_pretrained(folder)
+    return folder

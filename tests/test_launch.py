@@ -29,6 +29,9 @@ from pipeline.checkpoint import load_exported
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted(p.name for p in (ROOT / "launch" / "accelerate").glob("*.yaml"))
 CONFIGS = sorted(p.name for p in (ROOT / "launch" / "configs").glob("*.yaml"))
+LATENT_CONFIGS = [c for c in CONFIGS  # run by test_latent_recipes (they need a VAE and latent shards)
+                  if (yaml.safe_load((ROOT / "launch" / "configs" / c).read_text()).get("autoencoder") or {}).get("path")]
+PIXEL_CONFIGS = [c for c in CONFIGS if c not in LATENT_CONFIGS]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +111,7 @@ class Case:
                f"ema_{'on' if self.ema else 'off'}"
 
 
-FACTORS = {"launch": LAUNCH_FILES, "config": CONFIGS, "precision": ["no", "bf16", "fp16"], "accum": [1, 2],
+FACTORS = {"launch": LAUNCH_FILES, "config": PIXEL_CONFIGS, "precision": ["no", "bf16", "fp16"], "accum": [1, 2],
            "ema": [True, False]}
 
 
@@ -150,7 +153,8 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
             assert ((a, va), (b, vb)) in covered or ((b, vb), (a, va)) in covered, (a, va, b, vb)
     assert len(CASES) <= 12 and len(set(CASES)) == len(CASES)
     # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
-    assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(CONFIGS)
+    assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(PIXEL_CONFIGS)
+    assert {c.config for c, _ in LATENT_CASES} == set(LATENT_CONFIGS) and LATENT_CONFIGS
     jsons = {launch_file(c.launch).get("deepspeed_config", {}).get("deepspeed_config_file") for c in CASES}
     # each ZeRO launch file runs its own JSON, of its own stage
     zero_files = {"8gpu_zero2.yaml": ("zero2.json", 2), "8gpu_zero3.yaml": ("zero3.json", 3)}
@@ -160,7 +164,7 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
     assert {f"launch/deepspeed/{p.name}" for p in (ROOT / "launch" / "deepspeed").glob("*.json")} <= jsons
     towers = {o.split("=", 1)[1] for c in CASES for o in SHRINK[c.config] if o.startswith("text_encoder.config_file=")}
     towers |= {yaml.safe_load((ROOT / "launch" / "configs" / c.config).read_text())["text_encoder"].get("config_file")
-               for c in CASES}
+               for c in CASES + [c for c, _ in LATENT_CASES]}
     assert {f"launch/configs/clip/{p.name}" for p in (ROOT / "launch" / "configs" / "clip").glob("*.json")} <= towers
     # and every script under launch/ is named by some test (setup.sh: run by CI itself, before the tests)
     tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py")) + (ROOT / ".ci" / "run").read_text()
@@ -214,6 +218,46 @@ def test_launch_matrix(case, shards, tmp_path):
     res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "3", "--resume", "latest"])
     assert "resumed from" in res.stdout + res.stderr
     check_run(run, case, 3, res.stdout + res.stderr)
+
+
+# --- the latent recipes: a VAE, latent shards precomputed under the same launcher, then training ------------------
+
+LATENT_SHRINK = ["data.resolution=32", "data.min_size=16", "data.num_workers=1", "data.shuffle_buffer=64",
+                 "data.epoch_samples=1000", "optim.batch_size=4", "optim.warmup_steps=2",
+                 "model.overrides.base_channels=16", "model.overrides.head_channels=16", "text_encoder.kind=openclip",
+                 "text_encoder.name=toy-clip", "text_encoder.config_file=launch/configs/clip/toy-clip.json"]
+SHRINK["demo_latent.yaml"] = SHRINK["demo.yaml"]
+SHRINK["latent256.yaml"] = SHRINK["latent512.yaml"] = LATENT_SHRINK
+# (case, data): "latents" = shards precomputed by `accelerate launch pipeline/precompute.py latents` with the same
+# launch file (--flip --text), "images" = live encoding. The 256 px recipe's own ZeRO-2 + bf16; ZeRO-3 for 512 px.
+LATENT_CASES = [(Case("8gpu_ddp.yaml", "demo_latent.yaml", "no", 2, True), "latents"),
+                (Case("8gpu_zero2.yaml", "latent256.yaml", "bf16", 1, True), "images"),
+                (Case("8gpu_zero3.yaml", "latent512.yaml", "bf16", 1, False), "latents")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case,data", LATENT_CASES, ids=[f"{c.id}-{d}" for c, d in LATENT_CASES])
+def test_latent_recipes(case, data, shards, tmp_path):
+    from helpers import make_vae
+
+    vae = make_vae(tmp_path / "vae")
+    cfg = ["--config", f"launch/configs/{case.config}"]
+    common = merged(f"data.shards={shards}", *SHRINK[case.config], f"autoencoder.path={vae}")
+    if data == "latents":
+        latents = tmp_path / "latents"
+        res = accelerate_launch("8gpu_ddp.yaml", ROOT / "pipeline" / "precompute.py",
+                                ["latents", *cfg, "--out", str(latents), "--flip", "--text", *common])
+        assert json.loads((latents / "manifest.json").read_text())["complete"]
+        common = merged(*common, f"data.shards={latents}")
+    run = tmp_path / "run"
+    args = [*cfg, "--output-dir", str(run), *merged(
+        *common, *COMMON, f"optim.mixed_precision={case.precision}", f"optim.grad_accum={case.accum}",
+        f"ema.enabled={str(case.ema).lower()}")]
+    res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "2"])
+    log = res.stdout + res.stderr
+    check_run(run, case, 2, log)
+    assert f"{'latent' if data == 'latents' else 'image'} shards; latent space of {vae}" in log
+    assert (run / "model" / "vae" / "config.json").is_file()
 
 
 # --- fault injection: the NaN guard --------------------------------------------------------------------------------

@@ -1,0 +1,361 @@
+"""Latent diffusion: the frozen VAE (folder, pipeline folder, single file; 4 and 16 channels; scale and shift), latent
+shards (precompute = live encoding, flipped latents, caption embeddings, two processes, interrupted and rerun), training
+from them (same loss as live encoding, exact resume), sampling and evaluation through the VAE, and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from data import DataConfig, Loader
+from data import latents as latent_shards
+from data.write_shards import write_toy
+from helpers import make_vae
+from models.autoencoder import FAMILIES, AutoencoderConfig, load_autoencoder
+from pipeline import precompute, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "launch" / "configs" / "demo_latent.yaml")
+RES = 16  # px; the test VAE divides by 4 → 4 × 4 latents, which the tiny U-Net halves twice
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Image shards (16 px toy data), a VAE, and latent shards precomputed from them with --flip and --text."""
+    root = tmp_path_factory.mktemp("latent")
+    write_toy(root / "images", count=128, resolution=RES, seed=0, max_samples=16)
+    vae = make_vae(root / "vae")
+    images = str(root / "images" / "{00000..00007}.tar")
+    precompute.main(["latents", "--config", DEMO, "--out", str(root / "latents"), "--flip", "--text",
+                     *base(images, vae)])
+    return {"root": root, "images": images, "vae": vae, "latents": str(root / "latents")}
+
+
+def base(shards, vae, *extra):
+    """Overrides that make the latent demo config test-sized."""
+    b = [f"data.shards={shards}", f"data.resolution={RES}", "data.num_workers=1", "data.shuffle_buffer=32",
+         f"autoencoder.path={vae}", "optim.batch_size=8", "optim.warmup_steps=2", "logging.tracker=none",
+         "logging.every=1", "logging.sample_every=0", "logging.sample_steps=2", "logging.sample_per_prompt=1",
+         "checkpoint.every=3"]
+    given = {e.split("=", 1)[0] for e in extra}
+    return [o for o in b if o.split("=", 1)[0] not in given] + list(extra)
+
+
+def run_args(run_dir, shards, vae, *extra, steps=1):
+    return ["--config", DEMO, "--output-dir", str(run_dir), "--max-steps", str(steps), *base(shards, vae, *extra)]
+
+
+# --- the VAE -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels,shift", [(4, None), (16, 0.1)])
+def test_vae_loads_from_folder_pipeline_folder_and_single_file_and_applies_scale_and_shift(tmp_path, channels, shift):
+    folder = make_vae(tmp_path / "vae", channels, scaling_factor=0.7, shift_factor=shift)
+    (tmp_path / "pipe").mkdir()
+    os.symlink(folder, tmp_path / "pipe" / "vae")  # a diffusers pipeline folder: its vae/ is found
+    single = tmp_path / "vae.safetensors"
+    save_file(load_file(str(folder / "diffusion_pytorch_model.safetensors")), str(single))
+    loaded = [load_autoencoder(AutoencoderConfig(path=str(p), config=c))
+              for p, c in [(folder, None), (tmp_path / "pipe", None), (single, str(folder)),
+                           (single, str(folder / "config.json"))]]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = loaded[0]
+    assert (vae.channels, vae.factor, vae.scale, vae.shift) == (channels, 4, 0.7, shift or 0.0)
+    z = vae.encode(x)
+    assert z.shape == (2, channels, 8, 8)
+    for other in loaded[1:]:  # the same weights, however they were stored
+        assert other.fingerprint == vae.fingerprint
+        torch.testing.assert_close(other.encode(x), z, rtol=0, atol=0)
+    with torch.no_grad():
+        mean = vae.vae.encode(x).latent_dist.mean  # diffusers' own posterior mean
+        torch.testing.assert_close(z, (mean - (shift or 0.0)) * 0.7, rtol=1e-6, atol=1e-6)  # applied
+        torch.testing.assert_close(vae.decode(z), vae.vae.decode(mean).sample, rtol=1e-5, atol=1e-5)  # undone
+    assert vae.decode(z).shape == (2, 3, 32, 32)
+    override = load_autoencoder(AutoencoderConfig(path=str(folder), scaling_factor=2.0, shift_factor=-0.3))
+    torch.testing.assert_close(override.encode(x), (mean + 0.3) * 2.0, rtol=1e-6, atol=1e-6)
+    assert override.identity()["fingerprint"] == vae.fingerprint and override.identity() != vae.identity()
+
+
+def test_shipped_vae_families_build_the_published_architectures():
+    """The single-file configs: SD/SDXL have 4 latent channels and SD's 83.65M parameters; SD3/FLUX 16, no quant
+    convs, and a shift."""
+    from diffusers import AutoencoderKL
+
+    for name, cfg in FAMILIES.items():
+        with torch.device("meta"):
+            vae = AutoencoderKL.from_config(cfg)
+        n = sum(p.numel() for p in vae.parameters())
+        if name in ("sd", "sdxl"):
+            assert vae.config.latent_channels == 4 and n == 83_653_863 and not cfg.get("shift_factor")
+        else:
+            assert vae.config.latent_channels == 16 and vae.quant_conv is None and cfg["shift_factor"] > 0
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "not_a_vae_folder", "partial_weights", "not_a_vae_file",
+                                  "single_file_without_config", "pickle", "unknown_family"])
+def test_bad_vae_paths_are_clear_errors(tmp_path, case):
+    folder = make_vae(tmp_path / "vae")
+    weights = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
+    path, config, error, match = str(folder), None, ValueError, None
+    if case == "missing":
+        path, error, match = str(tmp_path / "nope"), FileNotFoundError, "does not exist"
+    elif case == "no_config":
+        (folder / "config.json").unlink()
+        match = "no config.json"
+    elif case == "not_a_vae_folder":
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DConditionModel"}))
+        match = "describes a UNet2DConditionModel, not an AutoencoderKL"
+    elif case == "partial_weights":
+        weights.pop("decoder.conv_out.bias")
+        save_file(weights, str(folder / "diffusion_pytorch_model.safetensors"))
+        match = "miss 1"
+    elif case == "not_a_vae_file":
+        save_file({"w": torch.zeros(3)}, str(tmp_path / "x.safetensors"))
+        path, config, match = str(tmp_path / "x.safetensors"), str(folder), "is not a usable VAE"
+    elif case == "single_file_without_config":
+        save_file(weights, str(tmp_path / "v.safetensors"))
+        path, match = str(tmp_path / "v.safetensors"), "autoencoder.config = one of sd, sdxl, sd3, flux"
+    elif case == "pickle":
+        torch.save(weights, tmp_path / "v.ckpt")
+        path, config, match = str(tmp_path / "v.ckpt"), "sd", "must be .safetensors"
+    elif case == "unknown_family":
+        save_file(weights, str(tmp_path / "v.safetensors"))
+        path, config, error, match = str(tmp_path / "v.safetensors"), "sd9", FileNotFoundError, "neither a shipped"
+    with pytest.raises(error, match=match):
+        load_autoencoder(AutoencoderConfig(path=path, config=config))
+
+
+def test_decoding_non_finite_pixels_is_reported(tmp_path):
+    vae = load_autoencoder(AutoencoderConfig(path=str(make_vae(tmp_path / "vae"))))
+    with torch.no_grad():
+        vae.vae.decoder.conv_out.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        vae.decode(torch.zeros(1, 4, 4, 4))
+
+
+# --- latent shards -------------------------------------------------------------------------------------------------
+
+def read_samples(folder: str) -> dict[str, dict]:
+    out = {}
+    for tar in sorted(Path(folder).glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return out
+
+
+def test_precomputed_latents_equal_live_encoding(env):
+    manifest = json.loads((Path(env["latents"]) / "manifest.json").read_text())
+    vae = load_autoencoder(AutoencoderConfig(path=str(env["vae"])))
+    assert manifest["complete"] and manifest["samples"] == 128 and manifest["latent_shape"] == [4, 4, 4]
+    assert manifest["vae"]["fingerprint"] == vae.fingerprint and manifest["flip"] and manifest["text"]
+    stored = read_samples(env["latents"])
+    loader = Loader(DataConfig(shards=env["images"], resolution=RES, num_workers=0, shuffle_buffer=0), 128, 0, 1)
+    batch = next(iter(loader))  # every image once, decoded and cropped as the training loader does
+    live = vae.encode(batch.pixels())
+    live_flip = vae.encode(batch.pixels().flip(-1))
+    assert sorted(stored) == sorted(batch.keys)
+    for i, key in enumerate(batch.keys):
+        z = np.load(__import__("io").BytesIO(stored[key]["latent.npy"]))
+        assert z.dtype == np.float16 and z.shape == (4, 4, 4)
+        torch.testing.assert_close(torch.from_numpy(z).float(), live[i], rtol=1e-3, atol=2e-3)  # fp16 rounding
+        z_flip = np.load(__import__("io").BytesIO(stored[key]["latent_flip.npy"]))
+        torch.testing.assert_close(torch.from_numpy(z_flip).float(), live_flip[i], rtol=1e-3, atol=2e-3)
+        assert stored[key]["txt"].decode() == batch.captions[i]
+        assert json.loads(stored[key]["json"])["original_size"] == list(batch.sizes[i].tolist())
+
+
+def test_latent_shards_with_bad_samples_skip_and_count_them(env, tmp_path):
+    """Wrong shape, NaN, inf, missing, not an .npy: skipped and counted, never trained on."""
+    good = read_samples(env["latents"])
+    keys = sorted(good)[:4]
+    z = np.zeros((4, 4, 4), np.float16)
+    bad = {"shape": np.zeros((4, 8, 8), np.float16), "nan": np.full_like(z, np.nan), "inf": np.full_like(z, np.inf)}
+    out = tmp_path / "lat"
+    out.mkdir()
+    import webdataset as wds
+
+    with wds.TarWriter(str(out / "00000.tar")) as sink:
+        for name, arr in bad.items():
+            sink.write({"__key__": f"bad_{name}", "latent.npy": latent_shards.npy_bytes(arr), "txt": "x",
+                        "text.npz": good[keys[0]]["text.npz"]})
+        sink.write({"__key__": "bad_missing", "txt": "x", "text.npz": good[keys[0]]["text.npz"]})
+        sink.write({"__key__": "bad_npy", "latent.npy": b"not an array", "txt": "x",
+                    "text.npz": good[keys[0]]["text.npz"]})
+        for k in keys:
+            sink.write({"__key__": k, **{e: v for e, v in good[k].items() if e != "latent_flip.npy"}})
+    manifest = json.loads((Path(env["latents"]) / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "flip": False}))
+    loader = Loader(DataConfig(shards=str(out), resolution=RES, num_workers=0, shuffle_buffer=0), 1, 0, 1)
+    batches = iter(loader)
+    got = [next(batches) for _ in keys]
+    assert [b.keys[0] for b in got] == keys and all(b.images is None for b in got)
+    assert all(torch.isfinite(b.latents).all() and b.latents.shape == (1, 4, 4, 4) for b in got)
+    assert all(b.text["tokens"].shape[0] == 1 for b in got)
+    assert loader.skipped == {"bad_latent_shape": 1, "nonfinite_latent": 2, "missing_latent": 1, "bad_latent": 1}
+
+
+def test_two_processes_precompute_disjoint_shards_holding_every_good_sample_once(env, tmp_path):
+    out = tmp_path / "lat2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pipeline" / "precompute.py"), "latents", "--config", DEMO, "--out", str(out),
+           *base(env["images"], env["vae"])]
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    log = res.stdout + res.stderr
+    assert "rank 0: " in log and "rank 1: " in log  # both processes encoded shards
+    per_shard = [set(read_samples_of(t)) for t in sorted(out.glob("*.tar"))]
+    assert len(per_shard) == 8 and sum(map(len, per_shard)) == 128
+    assert set().union(*per_shard) == set(read_samples(env["latents"]))  # every good sample once
+    assert json.loads((out / "manifest.json").read_text())["samples"] == 128
+
+
+def read_samples_of(tar: Path) -> list[str]:
+    with tarfile.open(tar) as t:
+        return sorted({m.name.split(".", 1)[0] for m in t.getmembers()})
+
+
+def test_interrupted_precompute_reruns_without_redoing_finished_shards(env, tmp_path, monkeypatch):
+    out = tmp_path / "lat"
+    args = ["latents", "--config", DEMO, "--out", str(out), *base(env["images"], env["vae"])]
+    real, calls = precompute.LatentWriter.write_shard, []
+
+    def interrupted(self, url, path):
+        if len(calls) == 3:
+            path.with_name(path.name + ".tmp").write_bytes(b"half a shard")  # killed while writing the 4th
+            raise KeyboardInterrupt
+        calls.append(path.name)
+        return real(self, url, path)
+
+    monkeypatch.setattr(precompute.LatentWriter, "write_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        precompute.main(args)
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    assert sorted(done) == calls == ["00000.tar", "00001.tar", "00002.tar"]
+    # training refuses the unfinished folder, before anything is written
+    with pytest.raises(SystemExit, match="has not finished"):
+        train.main(run_args(tmp_path / "run", out, env["vae"]))
+    assert not (tmp_path / "run").exists()
+    calls.clear()
+    monkeypatch.setattr(precompute.LatentWriter, "write_shard", lambda self, url, path: calls.append(path.name) or
+                        real(self, url, path))
+    precompute.main(args)
+    assert calls == [f"{i:05d}.tar" for i in range(3, 8)]  # only the unfinished shards
+    assert {n: (out / n).stat().st_mtime_ns for n in done} == done
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["samples"] == 128 and not list(out.glob("*.tmp"))
+    # a rerun with another VAE into the same folder is refused and changes nothing
+    other = make_vae(tmp_path / "other_vae", seed=1)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="another vae"):
+        precompute.main(["latents", "--config", DEMO, "--out", str(out), *base(env["images"], other)])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+
+# --- training, sampling, evaluation --------------------------------------------------------------------------------
+
+def first_loss(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_training_from_latent_shards_matches_live_encoding_and_uses_stored_embeddings(env, tmp_path, monkeypatch):
+    from models.text_encoders import OpenCLIPTextEncoder
+
+    encoded = []
+    real = OpenCLIPTextEncoder.encode
+    monkeypatch.setattr(OpenCLIPTextEncoder, "encode", lambda self, c: encoded.extend(c) or real(self, c))
+    prompts = 'logging.sample_prompts=["zzz"]'
+    train.main(run_args(tmp_path / "shards", env["latents"], env["vae"], prompts))
+    assert set(encoded) == {"", "zzz"}  # the captions' embeddings came from the shards ("" for dropout, "zzz": grid)
+    encoded.clear()
+    train.main(run_args(tmp_path / "live", env["images"], env["vae"], prompts))
+    assert len(encoded) > 8  # live: the encoders run on every batch
+    a, b = first_loss(tmp_path / "shards"), first_loss(tmp_path / "live")
+    assert abs(a - b) <= 2e-3 * abs(b), (a, b)  # the same batch, timesteps and noise; fp16 storage only
+    log = (tmp_path / "shards" / "config.yaml").read_text()
+    assert "autoencoder" in log
+
+
+def test_exact_resume_on_latent_shards(env, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train.main(run_args(straight, env["latents"], env["vae"], "data.flip=true", steps=6))
+    train.main(run_args(split, env["latents"], env["vae"], "data.flip=true", steps=3))
+    train.main([*run_args(split, env["latents"], env["vae"], "data.flip=true", steps=6), "--resume", "latest"])
+    a, b = (load_file(str(r / "checkpoints" / "step_00000006" / "model.safetensors")) for r in (straight, split))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+
+
+def test_sampling_and_evaluation_decode_through_the_bundled_vae(env, tmp_path):
+    from PIL import Image
+
+    from pipeline import evaluate, sample
+    from pipeline.checkpoint import load_exported
+
+    run = tmp_path / "run"
+    train.main(run_args(run, env["latents"], env["vae"], steps=2))
+    vae_dir = Path(env["vae"])
+    moved = vae_dir.with_name("vae_moved")
+    vae_dir.rename(moved)  # the export needs nothing but itself
+    try:
+        unet, _, _, vae, meta = load_exported(run / "model")
+        assert vae is not None and vae.fingerprint == meta["autoencoder"]["fingerprint"]
+        assert unet.cfg.in_channels == 4 and meta["resolution"] == RES
+        sample.main(["--model", str(run / "model"), "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
+                     "--guidance", "1", "3", "--out", str(tmp_path / "samples")])
+        files = sorted((tmp_path / "samples" / "images").glob("*.png"))
+        assert len(files) == 4 and all(Image.open(f).size == (RES, RES) for f in files)
+        result = evaluate.main(["run", "--model", str(run / "model"), "--captions", env["images"], "--num-images", "4",
+                                "--guidance", "1", "2", "--ref", env["images"], "--fd-features", "clip",
+                                "--clip-model", "openclip:toy-clip", "--clip-config",
+                                str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "2", "--out",
+                                str(tmp_path / "eval"), "--batch-size", "4", "--json"])
+        assert [r["n"] for r in result["results"]] == [4, 4]
+        assert all(np.isfinite(r["fd_clip"]) for r in result["results"])
+        assert all(Image.open(f).size == (RES, RES) for f in (tmp_path / "eval" / "guidance_1" / "images").glob("*"))
+    finally:
+        moved.rename(vae_dir)
+
+
+# --- bad input: refused before the first step, nothing written is lost ----------------------------------------------
+
+BAD_RUNS = {
+    "channels": ("latents", ["model.overrides.in_channels=3"], "takes 3 input channels but the VAE's latents have 4"),
+    "vae_factor": ("images", ["data.resolution=18"], "does not divide by the VAE's downsampling factor 4"),
+    "unet_levels": ("images", ["data.resolution=24"], "cannot halve"),
+    "other_vae": ("latents", ["autoencoder.path=OTHER"], "made by another VAE"),
+    "other_scale": ("latents", ["autoencoder.scaling_factor=0.7"], "scaling_factor"),
+    "other_resolution": ("latents", ["data.resolution=32"], "'resolution': (16, 32)"),
+    "pixel_space": ("latents", ["autoencoder.path=null"], "holds latents"),
+    "no_vae": ("images", ["autoencoder.path=/no/such/vae"], "does not exist"),
+    "flip_without_flipped": ("noflip", ["data.flip=true"], "hold no mirrored latents"),
+    "bad_dtype": ("images", ["autoencoder.dtype=fp8"], "autoencoder.dtype must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_latent_runs_fail_before_the_first_step(env, tmp_path, case):
+    shards, extra, message = BAD_RUNS[case]
+    if shards == "noflip":
+        noflip = tmp_path / "noflip"
+        precompute.main(["latents", "--config", DEMO, "--out", str(noflip), *base(env["images"], env["vae"])])
+        shards = str(noflip)
+    else:
+        shards = env[shards]
+    if "autoencoder.path=OTHER" in extra:
+        extra = [f"autoencoder.path={make_vae(tmp_path / 'other', seed=1)}"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")  # an existing run folder: nothing in it is touched
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(run, shards, env["vae"], *extra))
+    assert message in str(e.value) and str(e.value).count("\n") == 0
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
