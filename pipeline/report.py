@@ -1,7 +1,10 @@
 """Write a readable report of a quickstart (or any) run: loss curve, sample grids, the metrics table, FD-vs-CLIP plot.
 
     python pipeline/report.py --run runs/quickstart/run --samples runs/quickstart/samples --eval runs/quickstart/eval \\
-        --out runs/quickstart/report.md
+        [--latent-run RUN --latent-samples DIR --latent-eval DIR] --out runs/quickstart/report.md
+
+With ``--latent-*``, a second run (in a VAE's latent space) is reported beside the first: training time, time per
+step, images/s and the evaluation's numbers side by side, then its samples and attribute table.
 """
 
 from __future__ import annotations
@@ -103,11 +106,59 @@ def attribute_table(res: dict) -> list[str]:
     return lines + [""]
 
 
+def training_time(run: Path) -> tuple[float, int]:
+    """(seconds, steps) of a run's training, from its logged images/s per window (sampling and checkpoints
+    included, as they were in the window's wall time)."""
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    ckpts = sorted((run / "checkpoints").glob("step_*/data"))
+    world = len(list(ckpts[-1].glob("rank*.json"))) if ckpts else 1
+    per_step = cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"] * world
+    rows = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        rows[row["step"]] = row
+    seconds, prev = 0.0, 0
+    for step in sorted(rows):
+        seconds += (step - prev) * per_step / rows[step]["images_per_s"]
+        prev = step
+    return seconds, prev
+
+
+def comparison(runs: list[tuple[str, Path, Path | None]]) -> list[str]:
+    """Pixel space beside latent space: cost and quality of each run at guidance 3 (or the closest scale)."""
+    lines = ["| run | images | U-Net input | steps | training time | s/step | images/s | Fréchet distance | "
+             "CLIP score | all attributes right |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, run, ev in runs:
+        meta = json.loads((run / "model" / "config.json").read_text())
+        seconds, steps = training_time(run)
+        vae = meta.get("autoencoder")
+        size = meta["resolution"] // (2 ** (len(json.loads((run / "model" / "vae" / "config.json").read_text())
+                                                 ["block_out_channels"]) - 1)) if vae else meta["resolution"]
+        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        row = f"| {label} | {meta['resolution']} px | {meta['model']['in_channels']}×{size}² | {steps} | " \
+              f"{seconds / 60:.1f} min | {seconds / max(steps, 1):.3f} | {last['images_per_s']:.0f} |"
+        if ev is not None:
+            res = json.loads((ev / "results.json").read_text())
+            r = min(res["results"], key=lambda r: abs(r["guidance"] - 3))
+            attr = f"{100 * r['attr_all']:.0f}%" if "attr_all" in r else "—"
+            row += f" {r[res['fd_metric']]:.2f} (w={r['guidance']:g}) | {r['clip_score']:.1f} | {attr} |"
+        else:
+            row += " — | — | — |"
+        lines.append(row)
+    return lines
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the training run folder")
     p.add_argument("--samples", help="output folder of pipeline/sample.py")
     p.add_argument("--eval", help="output folder of pipeline/evaluate.py run")
+    p.add_argument("--latent-run", help="a latent-space run to report beside --run")
+    p.add_argument("--latent-samples", help="pipeline/sample.py output of the latent run")
+    p.add_argument("--latent-eval", help="pipeline/evaluate.py run output of the latent run")
+    p.add_argument("--latent-note", default="", help="a sentence on how the latent run was made (e.g. the VAE)")
     p.add_argument("--out", required=True, help="the report (.md); figures are written beside it")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -165,6 +216,20 @@ def main(argv=None):
                       "judges from the pixels alone."]
         lines += ["", f"![FD vs CLIP]({rel(Path(args.eval) / 'fid_vs_clip.png')})", ""]
         lines += attribute_table(res)
+    if args.latent_run:
+        lrun = Path(args.latent_run)
+        lines += ["## Latent diffusion beside pixel space", "", args.latent_note, "",
+                  *comparison([("pixel space", run, Path(args.eval) if args.eval else None),
+                               ("latent space", lrun, Path(args.latent_eval) if args.latent_eval else None)]), "",
+                  "Training time is the logged images/s over each window (sample grids and checkpoints included). "
+                  "The Fréchet distances use each run's own held-out images at its own resolution as reference.", ""]
+        if args.latent_samples:
+            grid = labelled_grid(Path(args.latent_samples), out.parent / "latent_samples_labelled.png", scale=2)
+            lines += ["### Latent run: samples", "", f"![latent samples]({rel(grid)})", ""]
+        if args.latent_eval:
+            lines += [line.replace("### Does each image follow its caption?", "### Latent run: does each image follow "
+                                   "its caption?") for line in
+                      attribute_table(json.loads((Path(args.latent_eval) / "results.json").read_text()))]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return out

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shortened_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OUT": str(out), "SKIP_SETUP": "1", "STEPS": "4", "CLIP_STEPS": "3", "COUNT": "128",
-           "EVAL_IMAGES": "8", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+           "EVAL_IMAGES": "8", "VAE_STEPS": "3", "LATENT_STEPS": "4", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     res = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -46,8 +46,23 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert real["n"] == 8 and real["attr_all"] == 1.0
     row = next(line for line in report.splitlines() if line.startswith("| real held-out images | 100%"))
     assert row.count("100%") == 6
+    # the latent run beside it: VAE, latent shards, training, 64 px samples and evaluation through the VAE
+    assert json.loads((out / "toy_vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    latents = json.loads((out / "toy64_latents" / "manifest.json").read_text())
+    assert latents["complete"] and latents["samples"] == 128 and latents["latent_shape"] == [4, 16, 16]
+    lmeta = json.loads((out / "latent_run" / "model" / "config.json").read_text())
+    assert lmeta["step"] == 4 and lmeta["resolution"] == 64 and lmeta["model"]["in_channels"] == 4
+    assert (out / "latent_run" / "model" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    assert all(Image.open(f).size == (64, 64) for f in (out / "latent_samples" / "images").glob("*.png"))
+    lres = json.loads((out / "latent_eval" / "results.json").read_text())
+    assert all(r["n"] == 8 and "attr_all" in r for r in lres["results"])
+    assert "## Latent diffusion beside pixel space" in report and "latent_samples_labelled.png" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| pixel space |", "| latent space |"))]
+    assert len(rows) == 2 and "| 32 px | 3×32² | 4 |" in rows[0] and "| 64 px | 4×16² | 4 |" in rows[1], rows
+    assert "Latent run: does each image follow its caption?" in report
     # idempotent: a second run reuses everything and only rewrites the report
     again = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "writing 128 toy samples" not in again.stdout and "training the toy CLIP" not in again.stdout
+    assert "training the toy VAE" not in again.stdout and "encoding the 64 px shards" not in again.stdout
