@@ -57,16 +57,30 @@ def read_latent(data: bytes | None, shape: tuple[int, ...]) -> np.ndarray:
     return z
 
 
-def read_text(data: bytes) -> dict[str, np.ndarray]:
+def read_text(data: bytes, shapes: dict | None) -> dict[str, np.ndarray]:
+    """Stored caption embeddings, checked against the manifest's shapes and for finiteness (BadSample otherwise)."""
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
-            return {k: f[k] for k in ("tokens", "mask", "pooled")}
+            text = {k: f[k] for k in ("tokens", "mask", "pooled")}
     except (ValueError, OSError, EOFError, KeyError) as e:
         raise BadSample("bad_text_embedding", str(e)) from None
+    if shapes and any(list(text[k].shape) != list(v) for k, v in shapes.items()):
+        raise BadSample("bad_text_embedding", f"shapes {({k: v.shape for k, v in text.items()})}, expected {shapes}")
+    if not (np.isfinite(text["tokens"]).all() and np.isfinite(text["pooled"]).all()):
+        raise BadSample("bad_text_embedding", "non-finite values")
+    return text
 
 
-def find_manifest(urls: list[str]) -> dict | None:
-    """The latent manifest beside the first local shard, or None (image shards, or shards behind URLs)."""
+def find_manifest(urls: list[str], explicit: str | None = None) -> dict | None:
+    """The latent manifest: ``explicit`` (data.latent_manifest, for shards behind URLs), else the one beside the first
+    local shard; None for image shards."""
+    if explicit:
+        if not Path(explicit).is_file():
+            raise FileNotFoundError(f"data.latent_manifest={explicit!r} does not exist")
+        manifest = read_json(Path(explicit))
+        if manifest.get("kind") != KIND:
+            raise ValueError(f"data.latent_manifest={explicit!r} is not a latent-shard manifest")
+        return manifest
     local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
     if not local:
         return None

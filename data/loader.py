@@ -70,6 +70,7 @@ class DataConfig:
     min_size: int = 0  # drop images whose shorter side is below this (0 = keep all)
     max_aspect: float = 0.0  # drop images with long/short side ratio above this (0 = keep all)
     max_bad_fraction: float = 0.2  # stop when more than this fraction of tried samples is broken
+    latent_manifest: str | None = None  # latent shards behind URLs: a local copy of their manifest.json
     num_workers: int = 2  # DataLoader worker processes per rank
     seed: int = 0
 
@@ -263,11 +264,15 @@ class ShardStream(IterableDataset):
         """raw sample → (image uint8 (R, R, 3) or latent (C, h, w), caption, key, (w, h), text embedding or None);
         raises BadSample. ``box`` receives the crop's [top, left]."""
         cfg = self.cfg
-        caption = caption_of(raw, cfg.caption_keys)
+        caption = caption_of(raw, ["txt"] if self.manifest is not None else cfg.caption_keys)  # precompute writes txt
         if not caption and cfg.drop_empty_captions:
             raise BadSample("empty_caption")
         if self.manifest is not None:
             return self.process_latent(raw, epoch, caption)
+        if "latent.npy" in raw:
+            raise DataError(f"{raw.get('__url__')} holds latents, but no manifest.json was found beside the first "
+                            f"shard: keep the precompute's manifest.json with its shards, or name a local copy with "
+                            f"data.latent_manifest=PATH (shards behind URLs)")
         ext = next((k for k in IMAGE_KEYS if k in raw), None)
         if ext is None:
             raise BadSample("missing_image")
@@ -295,7 +300,8 @@ class ShardStream(IterableDataset):
             size = tuple(json.loads(raw["json"]).get("original_size", (0, 0))) if "json" in raw else (0, 0)
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise BadSample("bad_json") from None
-        text = latent_shards.read_text(raw["text.npz"]) if self.manifest.get("text") and "text.npz" in raw else None
+        text = latent_shards.read_text(raw["text.npz"], self.manifest.get("text_shapes")) \
+            if self.manifest.get("text") and "text.npz" in raw else None
         if self.manifest.get("text") and text is None:
             raise BadSample("missing_text_embedding")
         return z, caption, raw["__key__"], size, text
@@ -371,10 +377,12 @@ class Loader:
             rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = resolve_shards(cfg.shards)
-        self.manifest = latent_shards.find_manifest(self.urls)  # None: image shards
+        self.manifest = latent_shards.find_manifest(self.urls, cfg.latent_manifest)  # None: image shards
         if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
             raise ValueError(f"data.flip=true but the latent shards {cfg.shards!r} hold no mirrored latents: set "
                              f"data.flip=false, or precompute them again with --flip")
+        if self.manifest is not None and cfg.crop == "random" and rank == 0:
+            log.warning("data.crop=random on latent shards: each image keeps the one crop it was encoded with")
         self.num_workers = max(cfg.num_workers, 1)  # logical workers; 0 DataLoader workers = one, in-process
         if cfg.mode == "exact" and len(self.urls) < world_size * self.num_workers:
             raise ValueError(

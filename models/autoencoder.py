@@ -103,14 +103,16 @@ class FrozenVAE(nn.Module):
         """(B, 3, H, W) in [-1, 1] → scaled posterior means (B, C, H/f, W/f), float32."""
         if x.shape[-1] % self.factor or x.shape[-2] % self.factor:
             raise ValueError(f"images of {tuple(x.shape[-2:])} px do not divide by the VAE's factor {self.factor}")
-        out = [self.vae.encode(chunk.to(self.dtype)).latent_dist.mean.float() for chunk in x.split(self.max_batch)]
+        with torch.autocast(x.device.type, enabled=False):  # its own dtype, whatever autocast the caller runs under
+            out = [self.vae.encode(c.to(self.dtype)).latent_dist.mean.float() for c in x.split(self.max_batch)]
         return (torch.cat(out) - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) → images (B, 3, h·f, w·f), float32, about [-1, 1]."""
         z = z.float() / self.scale + self.shift
-        out = torch.cat([self.vae.decode(chunk.to(self.dtype)).sample.float() for chunk in z.split(self.max_batch)])
+        with torch.autocast(z.device.type, enabled=False):  # sample.py --precision fp16 must not make SDXL's VAE fp16
+            out = torch.cat([self.vae.decode(c.to(self.dtype)).sample.float() for c in z.split(self.max_batch)])
         if not torch.isfinite(out).all():
             hint = " (this VAE overflows in fp16: set autoencoder.dtype=bf16 or fp32)" if self.dtype == torch.float16 \
                 else ""

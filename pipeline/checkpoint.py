@@ -182,13 +182,19 @@ def load_checkpoint(accelerator, path: Path, ema) -> dict:
     return train_state
 
 
-def check_model_config(path: Path, model_config: dict):
-    """Refuse a checkpoint of a different architecture before anything is loaded."""
-    saved = read_json(path / "train_state.json").get("model_config")
+def check_model_config(path: Path, model_config: dict, meaning: dict | None = None):
+    """Refuse a checkpoint of a different architecture, or whose network means something else (``meaning``: the VAE
+    whose latents it models, the noise schedule and what it predicts), before anything is loaded."""
+    state = read_json(path / "train_state.json")
+    saved = state.get("model_config")
     if saved is not None and json.loads(json.dumps(model_config)) != saved:
         diff = {k: (saved.get(k), v) for k, v in json.loads(json.dumps(model_config)).items() if saved.get(k) != v}
         raise ValueError(f"checkpoint {path} was made by a different model config: {diff} (saved, configured). "
                          f"Use the run's own config (RUN/config.yaml) to resume it.")
+    for key, value in json.loads(json.dumps(meaning or {})).items():
+        if key in state and state[key] != value:  # older checkpoints lack the key: not checked
+            raise ValueError(f"checkpoint {path} was trained with another {key} ({state[key]}; configured: {value}): "
+                             f"its weights would mean something else. Use the run's own config (RUN/config.yaml).")
 
 
 # --- export ------------------------------------------------------------------------------------------------------
@@ -213,10 +219,14 @@ def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_confi
     meta = {"format": 1, "step": step, "resolution": resolution, "model": dataclasses.asdict(unet_config),
             "text_encoder": text, "diffusion": dataclasses.asdict(diffusion_cfg)}
     if vae is not None:  # bundled: the scale and shift used in training, resolved, beside the VAE's own weights
-        (tmp / "vae").mkdir()
-        vae.vae.save_config(tmp / "vae")
-        save_file({k: v.float() for k, v in cpu(vae.vae.state_dict()).items()},
-                  str(tmp / "vae" / "diffusion_pytorch_model.safetensors"))
+        from models.autoencoder import load_autoencoder
+
+        # from the original files in fp32 on the CPU: the copy in use may be bf16 (autoencoder.dtype=auto on a GPU)
+        original = load_autoencoder(dataclasses.replace(autoencoder_cfg, dtype="fp32", tiling=False), "cpu")
+        if original.fingerprint != vae.fingerprint:
+            raise ValueError(f"the VAE at {autoencoder_cfg.path} changed during training (fingerprint "
+                             f"{original.fingerprint}, trained with {vae.fingerprint}): not bundling it")
+        original.vae.save_pretrained(tmp / "vae")
         meta["autoencoder"] = {**dataclasses.asdict(autoencoder_cfg), "path": "vae", "config": None,
                                "scaling_factor": vae.scale, "shift_factor": vae.shift, "fingerprint": vae.fingerprint,
                                "source": vae.source}

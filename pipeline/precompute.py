@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -121,24 +122,68 @@ class LatentWriter:
         return info
 
 
+DAMAGE = ("unreadable_shard", "truncated_tar")  # a shard written despite these is redone by a rerun (may be transient)
+OWN = re.compile(r"^(\d{5}\.(tar|json)(\.tmp)?|manifest\.json(\.tmp)?)$")  # what a latent-shard folder holds
+
+
+def text_shapes(text_encoder) -> dict | None:
+    if text_encoder is None:
+        return None
+    probe = text_encoder.encode([""])
+    return {k: list(probe[k].shape[1:]) for k in ("tokens", "mask", "pooled")}
+
+
 def manifest_of(cfg, vae, text_encoder, flip: bool, urls: list[str], infos: list[dict]) -> dict:
     skipped = sum((Counter(i["skipped"]) for i in infos), Counter())
     size = cfg.data.resolution // vae.factor
+    d = cfg.data
     return {"kind": latent_shards.KIND, "format": 1,
-            "vae": {**vae.identity(), "source": vae.source}, "resolution": cfg.data.resolution,
-            "latent_shape": [vae.channels, size, size], "dtype": "float16", "crop": cfg.data.crop,
-            "resize_filter": cfg.data.resize_filter, "flip": flip,
-            "text": text_encoder.identity if text_encoder is not None else None,
+            "vae": {**vae.identity(), "source": vae.source}, "resolution": d.resolution,
+            "latent_shape": [vae.channels, size, size], "dtype": "float16", "flip": flip,
+            "transform": {"crop": d.crop, "resize_filter": d.resize_filter, "min_size": d.min_size,
+                          "max_aspect": d.max_aspect, "caption_keys": d.caption_keys,
+                          "drop_empty_captions": d.drop_empty_captions, "seed": d.seed},
+            "text": text_encoder.identity if text_encoder is not None else None, "text_shapes": text_shapes(text_encoder),
             "shards": [f"{i:05d}.tar" for i in range(len(urls))], "sources": urls,
             "shards_pattern": f"{{00000..{len(urls) - 1:05d}}}.tar", "samples": sum(i["samples"] for i in infos),
             "skipped": dict(skipped), "failed": sum(v for k, v in skipped.items() if k not in FILTERED),
             "complete": True}
 
 
+def check_out_folder(out: Path, urls: list[str], started: dict):
+    """Refuse an output folder that holds anything but this precompute's own files (the image shards themselves,
+    another data set, latents made otherwise): nothing there is changed."""
+    if any(Path(u).resolve().parent == out.resolve() for u in urls if "://" not in u and not u.startswith("pipe:")):
+        raise ValueError(f"--out {out} is the folder of the image shards: write the latents to another folder")
+    foreign = sorted(p.name for p in out.iterdir() if not OWN.match(p.name)) if out.is_dir() else []
+    if foreign:
+        raise ValueError(f"--out {out} holds other files ({', '.join(foreign[:3])}): write to an empty folder")
+    previous = latent_shards.find_manifest([str(out / "00000.tar")])
+    if previous is None and any(out.glob("*.tar")):
+        raise ValueError(f"--out {out} holds .tar files but no latent manifest: write to an empty folder")
+    if previous is not None:  # a rerun: the shards already there must have been made the same way
+        keys = ("vae", "resolution", "latent_shape", "flip", "transform", "text", "sources")
+        diff = [k for k in keys if previous.get(k) != started[k]]
+        if diff:
+            raise ValueError(f"{out} holds latent shards made with another {', '.join(diff)}; write to an empty "
+                             f"folder (nothing there was changed)")
+    return previous
+
+
+def shard_done(out: Path, i: int) -> bool:
+    info = out / f"{i:05d}.json"
+    if not ((out / f"{i:05d}.tar").is_file() and info.is_file()):
+        return False
+    return not any(reason in latent_shards.read_json(info)["skipped"] for reason in DAMAGE)
+
+
 def cmd_latents(args, cfg):
+    from datetime import timedelta
+
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    # Ranks wait for each other at the end; a long barrier must not time out (NCCL's default: 10–30 minutes).
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
     rank, world = state.process_index, state.num_processes
     device = state.device if world > 1 else torch.device(args.device)
     if cfg.autoencoder.path is None:
@@ -149,33 +194,30 @@ def cmd_latents(args, cfg):
     vae = load_autoencoder(cfg.autoencoder, device)
     if cfg.data.resolution % vae.factor:
         raise ValueError(f"data.resolution={cfg.data.resolution} does not divide by the VAE's factor {vae.factor}")
+    if cfg.data.crop == "random" and state.is_main_process:
+        log.warning("data.crop=random: each image is encoded once, with one random crop (and --flip stores its "
+                    "mirror image); training on the latents cannot draw new crops")
     text_encoder = build_text_encoder(cfg.text_encoder).to(device) if args.text else None
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    previous = latent_shards.find_manifest([str(out / "00000.tar")])
-    if previous is not None:  # refuse to mix: the shards already there were made otherwise
-        check = {"vae": {k: previous["vae"].get(k) for k in vae.identity()}, "resolution": previous["resolution"],
-                 "flip": previous["flip"], "text": previous["text"], "sources": previous["sources"]}
-        now = {"vae": vae.identity(), "resolution": cfg.data.resolution, "flip": args.flip,
-               "text": text_encoder.identity if text_encoder is not None else None, "sources": urls}
-        if check != now:
-            diff = [k for k in now if check[k] != now[k]]
-            raise ValueError(f"{out} holds latent shards made with another {', '.join(diff)}; write to an empty "
-                             f"folder (nothing there was changed)")
+    started = manifest_of(cfg, vae, text_encoder, args.flip, urls, [])
+    previous = check_out_folder(out, urls, started)
+    # Every rank sees the same finished shards (before anyone writes) and takes its share of those left.
+    todo = [i for i in range(len(urls)) if not shard_done(out, i)]
+    state.wait_for_everyone()
     if previous is None and state.is_main_process:  # names what the folder holds before any shard is written
-        started = manifest_of(cfg, vae, text_encoder, args.flip, urls, [])
+        out.mkdir(parents=True, exist_ok=True)
         latent_shards.write_json_atomic(out / latent_shards.MANIFEST, {**started, "samples": None, "complete": False})
     state.wait_for_everyone()
+    if len(todo) < len(urls) and state.is_main_process:
+        log.info("%d of %d shards are already written; keeping them", len(urls) - len(todo), len(urls))
     writer = LatentWriter(cfg, vae, text_encoder, args.flip, args.batch_size, device)
-    mine = [i for i in range(len(urls)) if i % world == rank]
-    done = [i for i in mine if (out / f"{i:05d}.tar").is_file() and (out / f"{i:05d}.json").is_file()]
-    if done:
-        log.info("rank %d: %d of its %d shards are already written; keeping them", rank, len(done), len(mine))
-    for i in tqdm([i for i in mine if i not in done], desc=f"encoding shards (rank {rank})", unit="shard",
+    for i in tqdm(todo[rank::world], desc=f"encoding shards (rank {rank})", unit="shard",
                   disable=not state.is_main_process):
         info = writer.write_shard(urls[i], out / f"{i:05d}.tar")
-        log.info("rank %d: %s → %05d.tar: %d samples, skipped %s", rank, urls[i], i, info["samples"],
-                 info["skipped"] or "none")
+        damage = [r for r in DAMAGE if r in info["skipped"]]
+        log.log(logging.WARNING if damage else logging.INFO, "rank %d: %s → %05d.tar: %d samples, skipped %s%s",
+                rank, urls[i], i, info["samples"], info["skipped"] or "none",
+                "; the source shard is damaged or unreadable: a rerun tries it again" if damage else "")
     state.wait_for_everyone()
     if state.is_main_process:
         infos = [latent_shards.read_json(out / f"{i:05d}.json") for i in range(len(urls))]

@@ -128,8 +128,9 @@ def training_time(run: Path) -> tuple[float, int]:
 
 def comparison(runs: list[tuple[str, Path, Path | None]]) -> list[str]:
     """Pixel space beside latent space: cost and quality of each run at guidance 3 (or the closest scale)."""
-    lines = ["| run | images | U-Net input | steps | training time | s/step | images/s | Fréchet distance | "
-             "CLIP score | all attributes right |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | images | U-Net input | steps | U-Net training | + VAE training | s/step | images/s | "
+             "Fréchet distance | CLIP score | all attributes right |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, run, ev in runs:
         meta = json.loads((run / "model" / "config.json").read_text())
         seconds, steps = training_time(run)
@@ -137,8 +138,12 @@ def comparison(runs: list[tuple[str, Path, Path | None]]) -> list[str]:
         size = meta["resolution"] // (2 ** (len(json.loads((run / "model" / "vae" / "config.json").read_text())
                                                  ["block_out_channels"]) - 1)) if vae else meta["resolution"]
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        vae_seconds = None
+        if vae and Path(vae.get("source", "")).joinpath("training.json").is_file():  # a VAE trained by train_vae.py
+            vae_seconds = json.loads(Path(vae["source"]).joinpath("training.json").read_text()).get("seconds")
+        extra = f"{vae_seconds / 60:.1f} min" if vae_seconds else "—"
         row = f"| {label} | {meta['resolution']} px | {meta['model']['in_channels']}×{size}² | {steps} | " \
-              f"{seconds / 60:.1f} min | {seconds / max(steps, 1):.3f} | {last['images_per_s']:.0f} |"
+              f"{seconds / 60:.1f} min | {extra} | {seconds / max(steps, 1):.3f} | {last['images_per_s']:.0f} |"
         if ev is not None:
             res = json.loads((ev / "results.json").read_text())
             r = min(res["results"], key=lambda r: abs(r["guidance"] - 3))

@@ -121,6 +121,9 @@ def latent_geometry(unet_cfg, vae, resolution: int):
         what = f"the VAE's latents have {channels} channels" if vae is not None else "images have 3 channels"
         raise ValueError(f"the U-Net takes {unet_cfg.in_channels} input channels but {what}: remove "
                          f"model.overrides.in_channels (it follows the VAE)")
+    if unet_cfg.out_channels not in (None, channels):
+        raise ValueError(f"the U-Net predicts {unet_cfg.out_channels} channels but its input has {channels}: remove "
+                         f"model.overrides.out_channels")
     factor = vae.factor if vae is not None else 1
     if resolution % factor:
         raise ValueError(f"data.resolution={resolution} does not divide by the VAE's downsampling factor {factor}: "
@@ -332,8 +335,11 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
                             "%s: encoding the captions instead", stored, text_encoder.identity)
             elif stored:
                 empty = cond_to(text_encoder.encode([""]), device)
+        meaning = {"autoencoder": vae.identity() if vae is not None else None,
+                   "diffusion": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "schedule", "zero_terminal_snr",
+                                                                       "prediction")}}
         if resume_from:
-            ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg))
+            ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg), meaning)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     model = UNet(unet_cfg)
@@ -476,7 +482,7 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
             fingerprints = {i["weights_fingerprint"] for i in gather_object([info])}
             if len(fingerprints) > 1:
                 log.warning("the ranks' weights differ at step %d (%s): replicas diverged", step, fingerprints)
-            train_state = {"model_config": dataclasses.asdict(unet_cfg), **counts.state()}
+            train_state = {"model_config": dataclasses.asdict(unet_cfg), **meaning, **counts.state()}
             ckpt.save_checkpoint(accelerator, ckpt_dir, step, ema, loader, train_state, cfg.checkpoint.keep_last, info)
     bar.close()
 

@@ -55,6 +55,9 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     torch.manual_seed(args.seed)
+    import time
+
+    started = time.perf_counter()
     try:
         loader = Loader(DataConfig(shards=args.shards, resolution=args.resolution, num_workers=1, seed=args.seed),
                         args.batch_size, rank=0, world_size=1)
@@ -91,7 +94,8 @@ def main(argv=None):
     tmp = out.with_name(out.name + ".tmp")
     vae.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({"shards": args.shards, "steps": args.steps, "psnr_db": psnr,
-                                                   "resolution": args.resolution}))
+                                                   "resolution": args.resolution,
+                                                   "seconds": time.perf_counter() - started}))
     if out.exists():
         import shutil
 

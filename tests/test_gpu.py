@@ -9,6 +9,8 @@ none, so run these where one is: ``pytest tests/test_gpu.py``).
 - The jobs on CUDA: training with bf16 mixed precision, then sampling in bf16 and fp16 from its export; the
   shipped recipes (ZeRO-2 launch file with the base64 config in bf16 and fp16; one GPU, bf16 + torch.compile) under
   accelerate launch.
+- Latent diffusion: the VAE in bf16 by default on a GPU (close to fp32; fp16 for a force_upcast VAE is warned
+  about); the 256 px latent recipe, shrunk, from image shards and from latent shards precomputed on the GPU.
 """
 
 import json
@@ -325,3 +327,61 @@ def test_recipes_run_on_cuda(launch_file, precision, extra, tmp_path):
     ranks = [json.loads(p.read_text()) for p in (run / "checkpoints" / "step_00000004" / "data").glob("rank*.json")]
     assert len(ranks) == nproc and len({r["weights_fingerprint"] for r in ranks}) == 1
     assert (run / "model" / "unet.safetensors").is_file()
+
+
+def test_vae_on_cuda_defaults_to_bf16_and_follows_fp32(tmp_path):
+    """autoencoder.dtype=auto on a GPU with bf16: the VAE runs in bf16 (never fp16 unless asked), its encode and
+    decode follow fp32 closely; fp16, when asked for a force_upcast VAE, is warned about."""
+    import logging
+
+    from helpers import make_vae
+    from models.autoencoder import AutoencoderConfig, load_autoencoder
+
+    folder = make_vae(tmp_path / "vae")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "force_upcast": True}))
+    ref = load_autoencoder(AutoencoderConfig(path=str(folder), dtype="fp32"), "cuda")
+    auto = load_autoencoder(AutoencoderConfig(path=str(folder)), "cuda")
+    assert auto.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    x = torch.rand(4, 3, 64, 64, device="cuda") * 2 - 1
+    z, z_ref = auto.encode(x), ref.encode(x)
+    assert rel(z, z_ref) < 2e-2 and rel(auto.decode(z_ref), ref.decode(z_ref)) < 2e-2
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("models.autoencoder").addHandler(handler)
+    try:
+        load_autoencoder(AutoencoderConfig(path=str(folder), dtype="fp16"), "cuda")
+    finally:
+        logging.getLogger("models.autoencoder").removeHandler(handler)
+    assert any("force_upcast" in r.getMessage() for r in records)
+
+
+def test_latent_recipe_runs_on_cuda(tmp_path):
+    """The 256 px latent recipe shrunk (a small random VAE, 32 px, narrow `sd` U-Net), bf16 on one GPU, from image
+    shards (live encoding) and from latent shards precomputed on the GPU: finite losses, an export with its VAE."""
+    from data.write_shards import write_toy
+    from helpers import make_vae
+    from pipeline import precompute, train
+
+    write_toy(tmp_path / "shards", count=64, resolution=32, max_samples=16)
+    common = [f"data.shards={tmp_path / 'shards'}", "data.resolution=32", "data.min_size=16", "data.num_workers=1",
+              "data.epoch_samples=1000", f"autoencoder.path={make_vae(tmp_path / 'vae')}", "optim.batch_size=8",
+              "model.overrides.base_channels=32", "model.overrides.head_channels=32", "text_encoder.kind=openclip",
+              "text_encoder.name=toy-clip", "text_encoder.config_file=launch/configs/clip/toy-clip.json",
+              "logging.tracker=none", "logging.every=1", "logging.sample_every=0", "logging.sample_steps=2"]
+    config = ["--config", str(ROOT / "launch/configs/latent256.yaml")]
+    precompute.main(["latents", *config, "--out", str(tmp_path / "latents"), "--device", "cuda", *common])
+    for name, data in [("live", []), ("shards", [f"data.shards={tmp_path / 'latents'}"])]:
+        run = tmp_path / name
+        train.main([*config, "--output-dir", str(run), "--max-steps", "3",
+                    *[c for c in common if not (data and c.startswith("data.shards="))], *data])
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert all(m["loss"] == m["loss"] and m["nan_skips"] == 0 for m in metrics)
+        # the bundled VAE is the original in fp32 (the one in use was bf16), and samples decode through it in bf16
+        from pipeline.checkpoint import load_exported
+
+        _, _, _, vae, meta = load_exported(run / "model", "cuda")
+        assert vae.fingerprint == meta["autoencoder"]["fingerprint"]
+        pics = _sample(run, tmp_path / f"samples_{name}", "--precision", "bf16")
+        assert all(p.shape == (32, 32, 3) for p in pics.values())

@@ -132,6 +132,24 @@ def test_bad_vae_paths_are_clear_errors(tmp_path, case):
         load_autoencoder(AutoencoderConfig(path=path, config=config))
 
 
+def test_tiling_and_slicing_decode_big_images_in_pieces(tmp_path):
+    """autoencoder.tiling: diffusers' tiled VAE above its tile size (here 16 px), seams blended; max_batch: one VAE
+    call per max_batch images. The images have the shapes of one big call (their values differ: each tile sees only
+    its own latents, which a random decoder with 4 × 4 latent tiles makes plain)."""
+    folder = make_vae(tmp_path / "vae")
+    whole = load_autoencoder(AutoencoderConfig(path=str(folder), max_batch=64))
+    tiled = load_autoencoder(AutoencoderConfig(path=str(folder), tiling=True, max_batch=1))
+    assert tiled.vae.use_tiling and not whole.vae.use_tiling
+    calls, tiles = [], []
+    real, real_tiled = tiled.vae.decode, tiled.vae.tiled_decode
+    tiled.vae.decode = lambda z, **kw: calls.append(z.shape[0]) or real(z, **kw)
+    tiled.vae.tiled_decode = lambda z, **kw: tiles.append(z.shape) or real_tiled(z, **kw)
+    z = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))  # 64 px images: 4 × 4 tiles of 16
+    a, b = whole.decode(z), tiled.decode(z)
+    assert calls == [1, 1, 1] and len(tiles) == 3  # one image per call, each decoded tile by tile
+    assert a.shape == b.shape == (3, 3, 64, 64) and torch.isfinite(b).all() and not torch.equal(a, b)
+
+
 def test_decoding_non_finite_pixels_is_reported(tmp_path):
     vae = load_autoencoder(AutoencoderConfig(path=str(make_vae(tmp_path / "vae"))))
     with torch.no_grad():
@@ -190,17 +208,25 @@ def test_latent_shards_with_bad_samples_skip_and_count_them(env, tmp_path):
         sink.write({"__key__": "bad_missing", "txt": "x", "text.npz": good[keys[0]]["text.npz"]})
         sink.write({"__key__": "bad_npy", "latent.npy": b"not an array", "txt": "x",
                     "text.npz": good[keys[0]]["text.npz"]})
+        text = dict(np.load(__import__("io").BytesIO(good[keys[0]]["text.npz"])))
+        for name, bad_text in [("short", {**text, "tokens": text["tokens"][:5]}),
+                               ("nan", {**text, "pooled": np.full_like(text["pooled"], np.nan)})]:
+            sink.write({"__key__": f"bad_text_{name}", "latent.npy": good[keys[0]]["latent.npy"], "txt": "x",
+                        "text.npz": latent_shards.npz_bytes(**bad_text)})
         for k in keys:
             sink.write({"__key__": k, **{e: v for e, v in good[k].items() if e != "latent_flip.npy"}})
     manifest = json.loads((Path(env["latents"]) / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "flip": False}))
-    loader = Loader(DataConfig(shards=str(out), resolution=RES, num_workers=0, shuffle_buffer=0), 1, 0, 1)
+    # a caption key that only image shards have (json.caption): latent shards carry the caption as txt
+    loader = Loader(DataConfig(shards=str(out), resolution=RES, num_workers=0, shuffle_buffer=0,
+                               caption_keys=["json.caption"]), 1, 0, 1)
     batches = iter(loader)
     got = [next(batches) for _ in keys]
     assert [b.keys[0] for b in got] == keys and all(b.images is None for b in got)
     assert all(torch.isfinite(b.latents).all() and b.latents.shape == (1, 4, 4, 4) for b in got)
     assert all(b.text["tokens"].shape[0] == 1 for b in got)
-    assert loader.skipped == {"bad_latent_shape": 1, "nonfinite_latent": 2, "missing_latent": 1, "bad_latent": 1}
+    assert loader.skipped == {"bad_latent_shape": 1, "nonfinite_latent": 2, "missing_latent": 1, "bad_latent": 1,
+                              "bad_text_embedding": 2}
 
 
 def test_two_processes_precompute_disjoint_shards_holding_every_good_sample_once(env, tmp_path):
@@ -212,7 +238,11 @@ def test_two_processes_precompute_disjoint_shards_holding_every_good_sample_once
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     log = res.stdout + res.stderr
-    assert "rank 0: " in log and "rank 1: " in log  # both processes encoded shards
+    import re
+
+    written = {r: set(re.findall(rf"rank {r}: \S+ → (\d{{5}}\.tar)", log)) for r in (0, 1)}
+    assert written[0] and written[1] and not written[0] & written[1]  # each shard encoded by one process
+    assert written[0] | written[1] == {f"{i:05d}.tar" for i in range(8)}
     per_shard = [set(read_samples_of(t)) for t in sorted(out.glob("*.tar"))]
     assert len(per_shard) == 8 and sum(map(len, per_shard)) == 128
     assert set().union(*per_shard) == set(read_samples(env["latents"]))  # every good sample once
@@ -261,6 +291,70 @@ def test_interrupted_precompute_reruns_without_redoing_finished_shards(env, tmp_
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
+def test_precompute_refuses_folders_it_would_damage_and_redoes_shards_it_could_not_read(env, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(Path(env["images"]).parent, images)
+    spec = str(images / "{00000..00007}.tar")
+    before = {p.name: p.read_bytes() for p in images.iterdir()}
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    for out, match in [(images, "is the folder of the image shards"), (tmp_path / "other", "holds other files")]:
+        with pytest.raises(SystemExit, match=match):
+            precompute.main(["latents", "--config", DEMO, "--out", str(out), *base(spec, env["vae"])])
+    assert {p.name: p.read_bytes() for p in images.iterdir()} == before  # the image shards untouched
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    # a source shard that cannot be read (here: truncated) is written with what could be read, and redone by a rerun
+    good = (images / "00007.tar").read_bytes()
+    with tarfile.open(images / "00007.tar") as t:
+        cut = next(m for m in t.getmembers()[8:] if m.name.endswith(".png"))  # halfway through an image's bytes
+    (images / "00007.tar").write_bytes(good[:cut.offset_data + cut.size // 2])
+    out = tmp_path / "lat"
+    precompute.main(["latents", "--config", DEMO, "--out", str(out), *base(spec, env["vae"])])
+    assert json.loads((out / "00007.json").read_text())["skipped"]["truncated_tar"] == 1
+    (images / "00007.tar").write_bytes(good)  # the storage recovered
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    precompute.main(["latents", "--config", DEMO, "--out", str(out), *base(spec, env["vae"])])
+    changed = sorted(n for n, t in stamps.items() if (out / n).stat().st_mtime_ns != t)
+    assert changed == ["00007.tar"] and json.loads((out / "manifest.json").read_text())["samples"] == 128
+
+
+def test_latent_shards_need_their_manifest(env, tmp_path):
+    """Shards copied without manifest.json (or behind URLs) are latents all the same: a clear error, or the manifest
+    named by data.latent_manifest."""
+    import shutil
+
+    from data.loader import DataError
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in Path(env["latents"]).glob("*.tar"):
+        shutil.copy(tar, bare)
+    with pytest.raises(DataError, match="no manifest.json was found"):
+        next(iter(Loader(DataConfig(shards=str(bare), resolution=RES, num_workers=0), 4, 0, 1)))
+    loader = Loader(DataConfig(shards=str(bare), resolution=RES, num_workers=0,
+                               latent_manifest=str(Path(env["latents"]) / "manifest.json")), 4, 0, 1)
+    assert next(iter(loader)).latents.shape == (4, 4, 4, 4)
+
+
+def test_caption_dropout_with_stored_embeddings_uses_the_empty_caption():
+    """Stored embeddings for the captions that dropout kept, the "" embedding where it emptied one."""
+    from data.loader import Batch
+
+    g = torch.Generator().manual_seed(0)
+    text = {"tokens": torch.randn(3, 5, 2, generator=g).half(), "mask": torch.ones(3, 5, dtype=torch.bool),
+            "pooled": torch.randn(3, 2, generator=g).half()}
+    empty = {"tokens": torch.full((1, 5, 2), 7.0), "mask": torch.zeros(1, 5, dtype=torch.bool),
+             "pooled": torch.full((1, 2), 7.0)}
+    batch = Batch(None, ["a", "b", "c"], ["1", "2", "3"], [0] * 3, torch.zeros(3, 2), torch.zeros(3, 4, 2, 2), text)
+    cond = train.batch_cond(batch, ["a", "", "c"], encoder=None, empty=empty, device="cpu")
+    for k in text:
+        assert torch.equal(cond[k][0], text[k][0].to(cond[k].dtype)) and torch.equal(cond[k][2], text[k][2].to(cond[k].dtype))
+        assert torch.equal(cond[k][1], empty[k][0].to(cond[k].dtype))
+    assert cond["tokens"].dtype == torch.float32 and cond["mask"].dtype == torch.bool
+
+
 # --- training, sampling, evaluation --------------------------------------------------------------------------------
 
 def first_loss(run: Path) -> float:
@@ -289,6 +383,13 @@ def test_exact_resume_on_latent_shards(env, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train.main(run_args(straight, env["latents"], env["vae"], "data.flip=true", steps=6))
     train.main(run_args(split, env["latents"], env["vae"], "data.flip=true", steps=3))
+    # resuming with another VAE (same latent shape: the U-Net would load) or another parameterisation is refused
+    other = make_vae(tmp_path / "other_vae", seed=1)
+    for extra, what in [([f"autoencoder.path={other}", f"data.shards={env['images']}"], "another autoencoder"),
+                        (["diffusion.prediction=epsilon"], "another diffusion")]:
+        with pytest.raises(SystemExit, match=what):
+            train.main([*run_args(split, env["latents"], env["vae"], "data.flip=true", *extra, steps=6),
+                        "--resume", "latest"])
     train.main([*run_args(split, env["latents"], env["vae"], "data.flip=true", steps=6), "--resume", "latest"])
     a, b = (load_file(str(r / "checkpoints" / "step_00000006" / "model.safetensors")) for r in (straight, split))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
