@@ -37,25 +37,47 @@ if [ ! -f "$OUT/toy_clip.safetensors" ]; then
   $PY pipeline/train_clip.py --shards "$SHARDS" --out "$OUT/toy_clip.safetensors" --steps "$CLIP_STEPS"
 fi
 
-RESUME=()
-if ls "$OUT"/run/checkpoints/step_*/train_state.json >/dev/null 2>&1; then RESUME=(--resume latest); fi
-say "training the tiny U-Net to step $STEPS"
-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-  --num_cpu_threads_per_process "$(nproc)" \
-  pipeline/train.py --config launch/configs/demo.yaml --output-dir "$OUT/run" --max-steps "$STEPS" "${RESUME[@]}" \
-  "data.shards=$SHARDS" "text_encoder.pretrained=$OUT/toy_clip.safetensors" logging.sample_every=500
+# train_unet CONFIG RUN STEPS [overrides...]: accelerate launch pipeline/train.py, resuming what exists (nothing to
+# do when RUN/model is already at STEPS).
+train_unet() {
+  local config=$1 run=$2 steps=$3; shift 3
+  if [ -f "$run/model/config.json" ] && \
+     [ "$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['step'])" "$run/model/config.json")" = "$steps" ]; then
+    say "$run is trained to step $steps already"
+    return
+  fi
+  say "training the tiny U-Net ($config) to step $steps"
+  local resume=()
+  if ls "$run"/checkpoints/step_*/train_state.json >/dev/null 2>&1; then resume=(--resume latest); fi
+  .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+    --num_cpu_threads_per_process "$(nproc)" \
+    pipeline/train.py --config "$config" --output-dir "$run" --max-steps "$steps" "${resume[@]}" "$@" \
+    logging.sample_every=500
+}
 
-say "sampling a grid of prompts at guidance 1, 3 and 5"
-$PY pipeline/sample.py --model "$OUT/run/model" --out "$OUT/samples" --guidance 1 3 5 --num-images 2 --steps 25 \
-  --prompt "a large red circle in the center on a white background" \
-  --prompt "a large blue square in the center on a beige background" \
-  --prompt "a small yellow triangle at the top left on a light blue background" \
-  --prompt "a large green diamond at the bottom right on a light gray background"
+# sample_and_evaluate MODEL SAMPLES EVAL HELD_OUT: the prompt grid and the evaluation job, each redone only when the
+# model is newer than its output.
+sample_and_evaluate() {
+  local model=$1 samples=$2 eval=$3 held_out=$4
+  if [ ! "$samples/metadata.jsonl" -nt "$model/config.json" ]; then
+    say "sampling a grid of prompts at guidance 1, 3 and 5 from $model"
+    $PY pipeline/sample.py --model "$model" --out "$samples" --guidance 1 3 5 --num-images 2 --steps 25 \
+      --prompt "a large red circle in the center on a white background" \
+      --prompt "a large blue square in the center on a beige background" \
+      --prompt "a small yellow triangle at the top left on a light blue background" \
+      --prompt "a large green diamond at the bottom right on a light gray background"
+  fi
+  if [ ! "$eval/results.json" -nt "$model/config.json" ]; then
+    say "evaluating $EVAL_IMAGES held-out captions per guidance scale with $model"
+    $PY pipeline/evaluate.py run --model "$model" --captions "$held_out" --ref "$held_out" \
+      --num-images "$EVAL_IMAGES" --guidance 1 2 3 5 --steps 25 --fd-features clip \
+      --clip-model "openclip:toy-clip:$OUT/toy_clip.safetensors" --clip-config "$CLIP_CFG" --out "$eval"
+  fi
+}
 
-say "evaluating $EVAL_IMAGES held-out captions per guidance scale"
-$PY pipeline/evaluate.py run --model "$OUT/run/model" --captions "$OUT/held_out/00000.tar" --ref "$OUT/held_out/00000.tar" \
-  --num-images "$EVAL_IMAGES" --guidance 1 2 3 5 --steps 25 --fd-features clip \
-  --clip-model "openclip:toy-clip:$OUT/toy_clip.safetensors" --clip-config "$CLIP_CFG" --out "$OUT/eval"
+train_unet launch/configs/demo.yaml "$OUT/run" "$STEPS" "data.shards=$SHARDS" \
+  "text_encoder.pretrained=$OUT/toy_clip.safetensors"
+sample_and_evaluate "$OUT/run/model" "$OUT/samples" "$OUT/eval" "$OUT/held_out/00000.tar"
 
 LATENT_REPORT=()
 if [ "$LATENT" = 1 ]; then
@@ -75,22 +97,9 @@ if [ "$LATENT" = 1 ]; then
     $PY pipeline/precompute.py latents --config launch/configs/demo_latent.yaml --out "$OUT/toy64_latents" \
       "data.shards=$SHARDS64" "${LATENT_ARGS[@]}"
   fi
-  RESUME=()
-  if ls "$OUT"/latent_run/checkpoints/step_*/train_state.json >/dev/null 2>&1; then RESUME=(--resume latest); fi
-  say "training the tiny U-Net on the latents to step $LATENT_STEPS"
-  .venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
-    --num_cpu_threads_per_process "$(nproc)" \
-    pipeline/train.py --config launch/configs/demo_latent.yaml --output-dir "$OUT/latent_run" \
-    --max-steps "$LATENT_STEPS" "${RESUME[@]}" "${LATENT_ARGS[@]}" "data.shards=$OUT/toy64_latents" logging.sample_every=500
-  say "latent run: sampling and evaluating (decoded through the VAE)"
-  $PY pipeline/sample.py --model "$OUT/latent_run/model" --out "$OUT/latent_samples" --guidance 1 3 5 --num-images 2 \
-    --steps 25 --prompt "a large red circle in the center on a white background" \
-    --prompt "a large blue square in the center on a beige background" \
-    --prompt "a small yellow triangle at the top left on a light blue background" \
-    --prompt "a large green diamond at the bottom right on a light gray background"
-  $PY pipeline/evaluate.py run --model "$OUT/latent_run/model" --captions "$OUT/held_out64/00000.tar" \
-    --ref "$OUT/held_out64/00000.tar" --num-images "$EVAL_IMAGES" --guidance 1 2 3 5 --steps 25 --fd-features clip \
-    --clip-model "openclip:toy-clip:$OUT/toy_clip.safetensors" --clip-config "$CLIP_CFG" --out "$OUT/latent_eval"
+  train_unet launch/configs/demo_latent.yaml "$OUT/latent_run" "$LATENT_STEPS" "${LATENT_ARGS[@]}" \
+    "data.shards=$OUT/toy64_latents"
+  sample_and_evaluate "$OUT/latent_run/model" "$OUT/latent_samples" "$OUT/latent_eval" "$OUT/held_out64/00000.tar"
   PSNR=$($PY -c "import json,sys; print(round(json.load(open(sys.argv[1]))['psnr_db'], 1))" "$OUT/toy_vae/training.json")
   LATENT_REPORT=(--latent-run "$OUT/latent_run" --latent-samples "$OUT/latent_samples" --latent-eval "$OUT/latent_eval"
     --latent-note "The latent run: 64 px toy images, a VAE trained here for $VAE_STEPS steps (pipeline/train_vae.py; \

@@ -152,7 +152,7 @@ def batch_cond(batch, captions: list[str], encoder, empty: dict | None, device) 
         return cond_to(encoder.encode(captions), device)
     cond = {k: v.to(device) for k, v in batch.text.items()}
     cond = {k: v.float() if v.is_floating_point() else v.bool() for k, v in cond.items()}
-    dropped = torch.tensor([c == "" for c in captions], device=device)
+    dropped = torch.tensor([c == "" for c in captions]).to(device, non_blocking=True)  # no host sync
     return {k: torch.where(dropped.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v) for k, v in cond.items()}
 
 

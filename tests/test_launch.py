@@ -143,6 +143,9 @@ def pairwise_cases() -> list[Case]:
 # engine's bf16 weights, on rank 0 under ZeRO-2 and on every rank under ZeRO-3; ZeRO-3 × bf16 × accumulation).
 EXTRA = [Case("8gpu_zero2.yaml", "base64.yaml", "bf16", 2, False), Case("8gpu_zero3.yaml", "demo.yaml", "bf16", 2, False)]
 CASES = pairwise_cases() + EXTRA
+# Resumed after step 2 (to 3): every other case and each launch file at least once — resume's exactness is tested
+# per engine elsewhere (test_train, the fault injection below), and each resume costs a whole launch.
+RESUMED = {c for i, c in enumerate(CASES) if i % 2 == 0} | {next(c for c in CASES if c.launch == f) for f in LAUNCH_FILES}
 
 
 def test_matrix_covers_every_pair_and_every_shipped_launch_file():
@@ -152,6 +155,7 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
         if a < b and valid({a: va, b: vb}):
             assert ((a, va), (b, vb)) in covered or ((b, vb), (a, va)) in covered, (a, va, b, vb)
     assert len(CASES) <= 12 and len(set(CASES)) == len(CASES)
+    assert {c.launch for c in RESUMED} == set(LAUNCH_FILES) and {c.config for c in RESUMED} == set(PIXEL_CONFIGS)
     # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
     assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(PIXEL_CONFIGS)
     assert {c.config for c, _ in LATENT_CASES} == set(LATENT_CONFIGS) and LATENT_CONFIGS
@@ -215,6 +219,8 @@ def test_launch_matrix(case, shards, tmp_path):
         f"optim.grad_accum={case.accum}", f"ema.enabled={str(case.ema).lower()}")]
     res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "2"])
     check_run(run, case, 2, res.stdout + res.stderr)
+    if case not in RESUMED:
+        return
     res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "3", "--resume", "latest"])
     assert "resumed from" in res.stdout + res.stderr
     check_run(run, case, 3, res.stdout + res.stderr)

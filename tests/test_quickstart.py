@@ -66,3 +66,6 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "writing 128 toy samples" not in again.stdout and "training the toy CLIP" not in again.stdout
     assert "training the toy VAE" not in again.stdout and "encoding the 64 px shards" not in again.stdout
+    for step in ("training the tiny U-Net", "sampling a grid", "evaluating"):  # nothing new to train, sample, score
+        assert step not in again.stdout, step
+    assert again.stdout.count("is trained to step 4 already") == 2
