@@ -82,6 +82,43 @@ def test_vae_loads_from_folder_pipeline_folder_and_single_file_and_applies_scale
     assert override.identity()["fingerprint"] == vae.fingerprint and override.identity() != vae.identity()
 
 
+def ldm_names(state: dict, levels: int) -> dict:
+    """A diffusers AutoencoderKL state dict under the original latent-diffusion key names (what the published
+    single-file VAEs, e.g. sdxl_vae.safetensors, use): the inverse of diffusers' own conversion."""
+    import re
+
+    rules = [(r"^encoder\.down_blocks\.(\d+)\.resnets\.", lambda m: f"encoder.down.{m[1]}.block."),
+             (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+             (r"^decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block."),
+             (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample."),
+             (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+             (r"\.conv_norm_out\.", lambda m: ".norm_out."), (r"\.conv_shortcut\.", lambda m: ".nin_shortcut.")]
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def test_single_file_with_original_ldm_key_names_loads(tmp_path):
+    """The published single files use latent diffusion's own key names; diffusers converts them on load."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        mid_block_add_attention=False, sample_size=16)
+    vae.save_pretrained(tmp_path / "vae")
+    ldm = ldm_names(vae.state_dict(), 3)
+    assert "encoder.down.0.block.0.conv1.weight" in ldm and "encoder.down.1.block.0.nin_shortcut.weight" in ldm
+    assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in ldm)
+    save_file({k: v.contiguous() for k, v in ldm.items()}, str(tmp_path / "ldm.safetensors"))
+    a = load_autoencoder(AutoencoderConfig(path=str(tmp_path / "vae")))
+    b = load_autoencoder(AutoencoderConfig(path=str(tmp_path / "ldm.safetensors"), config=str(tmp_path / "vae")))
+    assert b.fingerprint == a.fingerprint  # the same weights, under diffusers' names again
+
+
 def test_shipped_vae_families_build_the_published_architectures():
     """The single-file configs: SD/SDXL have 4 latent channels and SD's 83.65M parameters; SD3/FLUX 16, no quant
     convs, and a shift."""
