@@ -254,7 +254,7 @@ def test_latent_recipes(case, data, shards, tmp_path):
         res = accelerate_launch("8gpu_ddp.yaml", ROOT / "pipeline" / "precompute.py",
                                 ["latents", *cfg, "--out", str(latents), "--flip", "--text", *common])
         assert json.loads((latents / "manifest.json").read_text())["complete"]
-        common = merged(*common, f"data.shards={latents}")
+        common = merged(*common, f"data.shards={latents}", "data.flip=true")  # the mirrored latents, on 2 ranks
     run = tmp_path / "run"
     args = [*cfg, "--output-dir", str(run), *merged(
         *common, *COMMON, f"optim.mixed_precision={case.precision}", f"optim.grad_accum={case.accum}",
