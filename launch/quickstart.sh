@@ -25,12 +25,18 @@ PY=.venv/bin/python
 mkdir -p "$OUT"
 say() { echo "== $(date +%H:%M:%S) $*"; }
 
-if [ ! -f "$OUT/toy_shards/manifest.json" ]; then
-  say "writing $COUNT toy samples (32 px) and 512 held-out ones"
-  $PY -m data.write_shards toy --out "$OUT/toy_shards" --count "$COUNT" --resolution 32 --max-samples $(( (COUNT + 7) / 8 ))
-  $PY -m data.write_shards toy --out "$OUT/held_out" --count 512 --resolution 32 --seed 1 --max-samples 512
-fi
-SHARDS=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['shards_pattern'])" "$OUT/toy_shards/manifest.json")
+# toy_data TRAIN HELD_OUT PX: COUNT toy samples in 8 shards and 512 held-out ones (seed 1), unless written; prints the
+# training shards' brace pattern.
+toy_data() {
+  local train=$1 held_out=$2 px=$3
+  if [ ! -f "$train/manifest.json" ]; then
+    say "writing $COUNT toy samples ($px px) and 512 held-out ones" >&2
+    $PY -m data.write_shards toy --out "$train" --count "$COUNT" --resolution "$px" --max-samples $(( (COUNT + 7) / 8 )) >&2
+    $PY -m data.write_shards toy --out "$held_out" --count 512 --resolution "$px" --seed 1 --max-samples 512 >&2
+  fi
+  $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['shards_pattern'])" "$train/manifest.json"
+}
+SHARDS=$(toy_data "$OUT/toy_shards" "$OUT/held_out" 32)
 
 if [ ! -f "$OUT/toy_clip.safetensors" ]; then
   say "training the toy CLIP ($CLIP_STEPS steps)"
@@ -81,12 +87,7 @@ sample_and_evaluate "$OUT/run/model" "$OUT/samples" "$OUT/eval" "$OUT/held_out/0
 
 LATENT_REPORT=()
 if [ "$LATENT" = 1 ]; then
-  if [ ! -f "$OUT/toy64/manifest.json" ]; then
-    say "writing the toy data at 64 px for the latent run"
-    $PY -m data.write_shards toy --out "$OUT/toy64" --count "$COUNT" --resolution 64 --max-samples $(( (COUNT + 7) / 8 ))
-    $PY -m data.write_shards toy --out "$OUT/held_out64" --count 512 --resolution 64 --seed 1 --max-samples 512
-  fi
-  SHARDS64=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['shards_pattern'])" "$OUT/toy64/manifest.json")
+  SHARDS64=$(toy_data "$OUT/toy64" "$OUT/held_out64" 64)
   if [ ! -f "$OUT/toy_vae/config.json" ]; then
     say "training the toy VAE ($VAE_STEPS steps)"
     $PY pipeline/train_vae.py --shards "$SHARDS64" --out "$OUT/toy_vae" --steps "$VAE_STEPS"

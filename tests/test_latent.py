@@ -187,6 +187,22 @@ def test_tiling_and_slicing_decode_big_images_in_pieces(tmp_path):
     assert a.shape == b.shape == (3, 3, 64, 64) and torch.isfinite(b).all() and not torch.equal(a, b)
 
 
+def test_vae_precision_is_fp32_on_a_cpu_and_fp16_for_an_overflowing_vae_is_warned_about(tmp_path, caplog):
+    import logging
+
+    folder = make_vae(tmp_path / "vae")
+    assert load_autoencoder(AutoencoderConfig(path=str(folder))).dtype == torch.float32  # auto: fp32 off a GPU
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "force_upcast": True}))  # as SDXL's VAE says
+    with caplog.at_level(logging.WARNING, logger="models.autoencoder"):
+        vae = load_autoencoder(AutoencoderConfig(path=str(folder), dtype="fp16"))
+    assert vae.dtype == torch.float16 and "force_upcast" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="models.autoencoder"):
+        load_autoencoder(AutoencoderConfig(path=str(folder), dtype="bf16"))
+    assert "force_upcast" not in caplog.text
+
+
 def test_decoding_non_finite_pixels_is_reported(tmp_path):
     vae = load_autoencoder(AutoencoderConfig(path=str(make_vae(tmp_path / "vae"))))
     with torch.no_grad():
@@ -476,6 +492,7 @@ BAD_RUNS = {
     "no_vae": ("images", ["autoencoder.path=/no/such/vae"], "does not exist"),
     "flip_without_flipped": ("noflip", ["data.flip=true"], "hold no mirrored latents"),
     "bad_dtype": ("images", ["autoencoder.dtype=fp8"], "autoencoder.dtype must be"),
+    "out_channels": ("latents", ["model.overrides.out_channels=3"], "predicts 3 channels but its input has 4"),
 }
 
 
