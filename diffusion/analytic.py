@@ -31,7 +31,7 @@ class GaussianMixtureModel:
 
     def score(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         xd = x.double()
-        ab = self.diffusion.alpha_bar(t, xd[:, :1])  # (B, 1)
+        ab = self._alpha_bar(t, xd[:, :1])  # (B, 1)
         mu = ab.sqrt()[:, None, :] * self.means[None]  # (B, K, D)
         var = ab[:, None, :] * self.stds[None, :, None] ** 2 + (1 - ab[:, None, :])  # (B, K, 1)
         diff = xd[:, None, :] - mu
@@ -47,13 +47,36 @@ class GaussianMixtureModel:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         score = self.score(x, t, cond)
-        ab = self.diffusion.alpha_bar(t, x.double())
+        ab = self._alpha_bar(t, x.double())
         eps = -(1 - ab).sqrt() * score
         if self.diffusion.prediction == "epsilon":
             out = eps
         else:
             # x̂_0 = E[x_0 | x_t]; where ᾱ_t = 0 (zero terminal SNR) x_t says nothing and it is the data mean
-            x0 = self.diffusion.x0_from_eps(x.double(), t, eps).nan_to_num()
+            x0 = ((x.double() - (1 - ab).sqrt() * eps) / ab.sqrt()).nan_to_num()
             x0 = torch.where(ab > 0, x0, (self.weights[:, None] * self.means).sum(0))
-            out = x0 if self.diffusion.prediction == "x0" else self.diffusion.v_target(x0, t, eps)
+            out = x0 if self.diffusion.prediction == "x0" else ab.sqrt() * eps - (1 - ab).sqrt() * x0
         return out.to(x.dtype)
+
+    def _alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t (B, 1): the table at integer t, the continuous-time ᾱ(t) of the likelihood's ODE at real t."""
+        t = torch.as_tensor(t, device=like.device)
+        if t.is_floating_point():
+            return self.diffusion.alpha_bar_at(t.expand(like.shape[0]))[:, None].to(like.dtype)
+        return self.diffusion.alpha_bar(t, like)
+
+    def log_prob(self, x: torch.Tensor, t: float = -1.0, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p_t(x) in nats, (B,) float64: the closed-form density of the forward marginal at real time t (−1 = the
+        data). The ground truth the likelihood estimators are tested against."""
+        xd = x.double()
+        ab = self.diffusion.alpha_bar_at(torch.tensor([float(t)], dtype=torch.float64))[0]
+        var = ab * self.stds**2 + (1 - ab)  # (K,)
+        diff = xd[:, None, :] - ab.sqrt() * self.means[None]  # (B, K, D)
+        d = x.shape[1]
+        logp = -0.5 * (diff**2).sum(-1) / var - 0.5 * d * torch.log(2 * torch.pi * var)  # (B, K): each component
+        mixture = torch.logsumexp(logp + torch.log(self.weights), dim=1)
+        if cond is None:
+            return mixture
+        cond = torch.as_tensor(cond).long()
+        own = logp.gather(1, cond.clamp(min=0)[:, None])[:, 0]  # the density of the component given (−1: mixture)
+        return torch.where(cond < 0, mixture, own)

@@ -153,6 +153,29 @@ class GaussianDiffusion:
         table = torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod])
         return _expand(table, t + 1, like)
 
+    def alpha_bar_at(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at real-valued times t ∈ [−1, T−1] (float64, t's shape): log ᾱ interpolated linearly between the steps,
+        with ᾱ_{−1} = 1 (clean data) and ᾱ at least ALPHA_BAR_FLOOR. The continuous-time process the likelihood's
+        probability-flow ODE runs on (diffusion/likelihood.py); it equals the table at whole t."""
+        table = self._log_alpha_bar_table().to(t.device)
+        t = t.double().clamp(-1, self.num_steps - 1) + 1  # position in the table
+        lo = t.floor().long().clamp(max=self.num_steps - 1)
+        frac = t - lo
+        return torch.exp(table[lo] * (1 - frac) + table[lo + 1] * frac)
+
+    def time_at(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`alpha_bar_at`: the real t ∈ [−1, T−1] at which ᾱ(t) = alpha_bar (float64)."""
+        table = -self._log_alpha_bar_table().to(alpha_bar.device)  # ascending: −log ᾱ
+        target = (-alpha_bar.double().log()).clamp(0, float(table[-1]))
+        hi = torch.searchsorted(table, target).clamp(1, self.num_steps)
+        lo = hi - 1
+        frac = ((target - table[lo]) / (table[hi] - table[lo]).clamp(min=1e-300)).clamp(0, 1)
+        return lo.double() + frac - 1
+
+    def _log_alpha_bar_table(self) -> torch.Tensor:
+        """log ᾱ at t = −1, 0, …, T−1: (T+1,) float64, ᾱ floored at ALPHA_BAR_FLOOR (a zero-terminal-SNR ᾱ_T = 0)."""
+        return torch.cat([self.alphas_cumprod.new_ones(1), self.alphas_cumprod]).clamp(min=ALPHA_BAR_FLOOR).log()
+
     def x0_from_eps(self, xt, t, eps):
         """x̂_0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t (Ho et al. 2020, eq. 15)."""
         ab = self.alpha_bar(t, xt)

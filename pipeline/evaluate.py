@@ -5,6 +5,7 @@
     python pipeline/evaluate.py fid A B [--inception-weights FILE] [--json]        # folders or .npz statistics
     python pipeline/evaluate.py clip-score --images DIR [--captions FILE] --clip-model SPEC [--json]
     python pipeline/evaluate.py ref-stats SOURCE --out FILE.npz                    # folder or shards → mu, sigma
+    python pipeline/evaluate.py nll --model runs/demo/model --images HELD_OUT [--method ode|elbo|both] [--json]
 
 `run` generates one image per held-out caption per guidance scale with the sampling code (split across processes
 under `accelerate launch`; images already written are kept, so a second invocation generates nothing new), then
@@ -12,6 +13,11 @@ writes OUT/results.json, OUT/results.csv and OUT/fid_vs_clip.png. FID follows py
 weights file and preprocessing; float64 statistics; see metrics/fid.py). CLIP specs: a local Hugging Face CLIP
 folder, hf:ORG/NAME (cache), or openclip:NAME[:PRETRAINED] (+ --clip-config JSON for a custom architecture).
 Weights are never downloaded: a missing file is named, with where it was looked for and how to supply it.
+
+`nll` gives held-out images' negative log-likelihood in bits/dim, with standard errors over images: through the
+probability-flow ODE (adaptive solver, Hutchinson's trace estimator) and/or bounded by the ELBO (metrics/likelihood.py
+says how 8-bit pixels are dequantised; a latent model's figure is of its latents, and says so). Conditioned on each
+image's caption, or on "" with --unconditional; guidance is not a likelihood and is refused.
 """
 
 from __future__ import annotations
@@ -232,6 +238,107 @@ def cmd_clip_score(args) -> dict:
     return {**summarize(cos, scorer.identity), "skipped": dict(skipped)}
 
 
+def labelled_images(spec: str, resolution: int, limit: int, unconditional: bool, captions_file: str | None,
+                    skipped: Counter) -> list[tuple[np.ndarray, str]]:
+    """Up to ``limit`` (uint8 (R, R, 3) image resized and centre-cropped like the training data, caption) pairs from a
+    folder or shards; unreadable images are counted in ``skipped``. Captions are "" when ``unconditional``."""
+    if ".tar" in spec or "{" in spec:
+        samples = [(np.asarray(im), "" if unconditional else c)
+                   for _, im, c in load_shards(spec, resolution, limit, skipped, captions=True)]
+    else:
+        files = list_images(spec)[:limit]
+        captions = [""] * len(files) if unconditional else captions_for_images(files, captions_file)
+        samples = [(resize_crop(im, resolution), captions[i]) for i, im in load_folder(files, skipped)]
+    if not samples:
+        raise ValueError(f"{spec}: no readable images (skipped: {dict(skipped) or 'none'})")
+    return samples
+
+
+def likelihood(model, encoder, diffusion, vae, samples: list[tuple[np.ndarray, str]], opts, batch_size: int,
+               rank: int, world: int, device, progress: bool = True) -> dict:
+    """Bits/dim of ``samples``: batches of consecutive images dealt to processes round-robin, per-image rows
+    gathered, means and standard errors over images (metrics.likelihood)."""
+    from metrics.likelihood import batch_bits, summarize
+    from pipeline.generate import cond_to
+
+    def net(x, t, c):
+        return model(x, t, c).float()
+
+    starts = list(range(0, len(samples), batch_size))
+    rows = []
+    for start in tqdm(starts[rank::world], desc="likelihood", unit="batch", disable=not progress):
+        chunk = samples[start:start + batch_size]
+        images = torch.from_numpy(np.stack([im for im, _ in chunk])).permute(0, 3, 1, 2).to(device)
+        cond = cond_to(encoder.encode([c for _, c in chunk]), device)
+        rows += batch_bits(net, diffusion, images, list(range(start, start + len(chunk))), cond, opts, vae)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        rows = gather_object(rows)
+    rows = sorted(rows, key=lambda r: r["index"])
+    return {**summarize(rows), "images": rows}
+
+
+def nll_settings(args, meta: dict, vae, conditioning: str) -> dict:
+    """What a bits/dim figure means: the space it is measured in and how it was computed."""
+    from metrics.likelihood import LOG2_127_5
+
+    space = (f"latents of the VAE ({meta['model'].get('in_channels', 4)} channels at 1/{vae.factor} resolution): "
+             "bits per latent dimension, not comparable with pixel-space figures" if vae is not None else
+             f"8-bit pixels, uniformly dequantised (+log2(127.5) = {LOG2_127_5:.4f} bits for the scale to [-1, 1])")
+    out = {"space": space, "conditioning": conditioning, "method": args.method, "seed": args.seed}
+    if args.method in ("ode", "both"):
+        out["ode"] = {"solver": args.solver, "rtol": args.rtol, "atol": args.atol, "start": "t=0 (the first "
+                      "trained noise level)", "trace": "exact" if args.probes == 0 else
+                      f"Hutchinson, {args.probes} {args.probe} probe(s) per image"}
+    if args.method in ("elbo", "both"):
+        t = args.elbo_timesteps
+        out["elbo"] = {"kl_terms": "all" if t is None else f"{t} strata, one timestep each, weighted by size",
+                       "variance": args.elbo_variance, "decoder": "continuous" if vae is not None else "discretised"}
+    return out
+
+
+def likelihood_options(args):
+    from metrics.likelihood import LikelihoodOptions
+
+    return LikelihoodOptions(method=args.method, probes=args.probes, probe=args.probe, rtol=args.rtol, atol=args.atol,
+                             solver=args.solver, elbo_timesteps=args.elbo_timesteps, elbo_variance=args.elbo_variance,
+                             seed=args.seed)
+
+
+def cmd_nll(args) -> dict:
+    from pipeline.checkpoint import load_exported
+
+    if args.guidance is not None:
+        raise ValueError("--guidance does not apply to nll: the guided ε_u + w(ε_c − ε_u) is not the score of any "
+                         "normalised density, so it has no likelihood. nll measures the conditional model (each "
+                         "image's caption) or, with --unconditional, the unconditional one.")
+    opts = likelihood_options(args)
+    rank, world, state = rank_world()
+    model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
+    skipped: Counter = Counter()
+    samples = labelled_images(args.images, meta["resolution"], args.num_images, args.unconditional, args.captions,
+                              skipped)
+    conditioning = "unconditional (empty caption)" if args.unconditional else "each image's caption"
+    log.info("likelihood of %d images by %s, conditioned on %s", len(samples), args.method, conditioning)
+    result = likelihood(model, encoder, diffusion, vae, samples, opts, args.batch_size, rank, world, state.device,
+                        progress=state.is_main_process)
+    per_image = result.pop("images")
+    if args.per_image and state.is_main_process:
+        write_csv(per_image, Path(args.per_image))
+    return {**result, **nll_settings(args, meta, vae, conditioning), "model": str(Path(args.model).resolve()),
+            "model_step": meta["step"], "images": args.images, "skipped": dict(skipped)}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def cmd_run(args) -> dict:
     from pipeline.checkpoint import load_exported
     from pipeline.generate import image_seed
@@ -278,19 +385,25 @@ def cmd_run(args) -> dict:
         rows.append(row)
         log.info("guidance %g: %s", g, {k: v for k, v in row.items() if k != "clip_model"})
     real = real_row(args.ref, meta["resolution"], len(captions), scorer) if state.is_main_process else None
+    nll = None
+    if args.likelihood:  # bits/dim of the reference images (held out), both methods, default settings
+        samples = labelled_images(args.ref, meta["resolution"], args.likelihood, False, None, Counter())
+        nll = likelihood(model, encoder, diffusion, vae, samples, likelihood_options(args), args.batch_size, rank,
+                         world, state.device, progress=state.is_main_process)
+        nll = {**{k: v for k, v in nll.items() if k != "images"}, **nll_settings(args, meta, vae, "each image's caption")}
+        log.info("likelihood of %d reference images: %s", nll["num_images"],
+                 {k: v for k, v in nll.items() if "bits" in k})
     result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "sampler": args.sampler,
               "steps": args.steps, "num_images": len(captions), "reference": args.ref, "reference_skipped":
               dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
               scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
               "not computed: the reference is an .npz without features", "results": rows,
-              "real": real}
+              "real": real, "likelihood": nll}
     if state.is_main_process:
         (out / "results.json").write_text(json.dumps(result, indent=1))
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(out / "results.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, out / "results.csv")
+        if nll is not None:
+            write_csv([{k: v for k, v in nll.items() if not isinstance(v, dict)}], out / "likelihood.csv")
         plot(rows, fd_name, out / "fid_vs_clip.png", extractor.identity, scorer.identity)
     return result
 
@@ -381,11 +494,42 @@ def parse_args(argv=None):
     sp.add_argument("--steps", type=int, default=50)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="output folder (images per guidance, results.json/.csv, plot)")
+    sp.add_argument("--likelihood", type=int, default=0, metavar="N",
+                    help="also give bits/dim of the first N reference images (folder or shards; 0 = no)")
+    likelihood_args(sp)
     common(sp, clip=True)
+    sp = sub.add_parser("nll", help="negative log-likelihood of held-out images in bits/dim (ODE and/or ELBO)")
+    sp.add_argument("--model", required=True, help="exported model folder (RUN/model)")
+    sp.add_argument("--images", required=True, help="held-out images: a folder or a shard spec")
+    sp.add_argument("--num-images", type=int, default=1000, help="at most this many images")
+    sp.add_argument("--captions", help="folder: JSONL of {file, caption} (default: same-named .txt beside each image)")
+    sp.add_argument("--unconditional", action="store_true", help="condition on the empty caption, not each image's")
+    sp.add_argument("--per-image", metavar="CSV", help="also write every image's figures to this CSV")
+    sp.add_argument("--seed", type=int, default=0, help="seeds dequantisation, probes and ELBO timesteps per image")
+    sp.add_argument("--guidance", type=float, nargs="+", help="refused: a guided model has no likelihood")
+    likelihood_args(sp)
+    sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    sp.add_argument("--batch-size", type=int, default=16, help="images per solve (does not change the figures' "
+                    "meaning; the ODE's adaptive steps are shared by a batch)")
     return p.parse_args(argv)
 
 
-COMMANDS = {"fid": cmd_fid, "ref-stats": cmd_ref_stats, "clip-score": cmd_clip_score, "run": cmd_run}
+def likelihood_args(sp) -> None:
+    sp.add_argument("--method", choices=["ode", "elbo", "both"], default="both",
+                    help="probability-flow ODE (a likelihood), ELBO (a bound), or both")
+    sp.add_argument("--probes", type=int, default=1, help="ODE: Hutchinson probes per image (0 = exact trace: "
+                    "one backward pass per dimension, small images only)")
+    sp.add_argument("--probe", choices=["rademacher", "gaussian"], default="rademacher", help="ODE: probe distribution")
+    sp.add_argument("--rtol", type=float, default=1e-5, help="ODE: the adaptive solver's relative tolerance")
+    sp.add_argument("--atol", type=float, default=1e-5, help="ODE: the adaptive solver's absolute tolerance")
+    sp.add_argument("--solver", default="dopri5", help="ODE: a torchdiffeq method (dopri5, bosh3, adaptive_heun, …)")
+    sp.add_argument("--elbo-timesteps", type=int, default=None, metavar="K", help="ELBO: estimate the sum of the "
+                    "T−1 KL terms from K strata, one timestep each (default: all of them, T network calls per image)")
+    sp.add_argument("--elbo-variance", choices=["posterior", "beta"], default="posterior",
+                    help="ELBO: reverse-step variance β̃_t (the sampler's) or β_t")
+
+
+COMMANDS = {"fid": cmd_fid, "ref-stats": cmd_ref_stats, "clip-score": cmd_clip_score, "run": cmd_run, "nll": cmd_nll}
 
 
 def main(argv=None):
