@@ -263,7 +263,7 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
             "--num-images", "6", "--guidance", "1", "4", "--ref", str(tmp_path / "held_out" / "00000.tar"),
             "--inception-weights", str(inception_weights), "--clip-model", "openclip:toy-clip",
             "--clip-config", str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "3", "--out",
-            str(tmp_path / "eval"), "--batch-size", "4", "--json"]
+            str(tmp_path / "eval"), "--batch-size", "4", "--likelihood", "3", "--elbo-timesteps", "4", "--json"]
     first = evaluate.main(argv)
     out = tmp_path / "eval"
     rows = json.loads((out / "results.json").read_text())["results"]
@@ -287,6 +287,10 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
         assert {f"attr_{k}": v for k, v in want.items()} == {k: r[k] for k in r if k.startswith("attr_")}
     real = first["real"]
     assert real["n"] == 6 and real["clip_score"] >= 0
+    nll = first["likelihood"]  # bits/dim of the reference images, asked for with --likelihood
+    assert nll["num_images"] == 3 and "8-bit pixels" in nll["space"]
+    assert np.isfinite(nll["bits_per_dim"]) and np.isfinite(nll["elbo_bits_per_dim"])
+    assert (out / "likelihood.csv").read_text().splitlines()[0].startswith("num_images,bits_per_dim")
     assert all(real[f"attr_{a}"] == 1.0 for a in ATTRIBUTES) and real["attr_all"] == 1.0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts}
     assert len(stamps) == 12

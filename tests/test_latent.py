@@ -471,8 +471,12 @@ def test_sampling_and_evaluation_decode_through_the_bundled_vae(env, tmp_path):
                                 "--guidance", "1", "2", "--ref", env["images"], "--fd-features", "clip",
                                 "--clip-model", "openclip:toy-clip", "--clip-config",
                                 str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "2", "--out",
-                                str(tmp_path / "eval"), "--batch-size", "4", "--json"])
+                                str(tmp_path / "eval"), "--batch-size", "4", "--likelihood", "2",
+                                "--elbo-timesteps", "3", "--json"])
         assert [r["n"] for r in result["results"]] == [4, 4]
+        nll = result["likelihood"]  # of the latents, and said so
+        assert "latents" in nll["space"] and nll["elbo"]["decoder"] == "continuous"
+        assert np.isfinite(nll["bits_per_dim"]) and np.isfinite(nll["elbo_bits_per_dim"])
         assert all(np.isfinite(r["fd_clip"]) for r in result["results"])
         assert all(Image.open(f).size == (RES, RES) for f in (tmp_path / "eval" / "guidance_1" / "images").glob("*"))
     finally:
