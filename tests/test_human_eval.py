@@ -345,21 +345,21 @@ def test_bradley_terry_equals_the_maximum_likelihood_fit():
     assert np.isfinite(bradley_terry(np.array([[0, 1, 1.0]] * 5), 2)).all()
 
 
-def _fixed_table(study: Study, table: list[tuple[str, str, str, str]]):
-    """Cast votes (rater, system_a, system_b, winner or tie) on 'overall', choosing the side where the winner is."""
+def _fixed_table(study: Study, table: list[tuple[str, str, str, str]], aspect="overall"):
+    """Cast votes (rater, system_a, system_b, winner or "tie") through Study.record, on a pair of those two systems
+    the rater has not judged, shown with sides at random; the choice clicked is the side where the winner is."""
+    import random
+
+    rng = random.Random(0)
     for name, a, b, winner in table:
         rater = study.rater(name)
-        for _ in range(study.num_pairs):
-            shown = study.next_showing(rater)
-            left, right = study.db.execute("SELECT left_system, right_system FROM showings WHERE id = ?",
-                                           (shown.id,)).fetchone()
-            if {left, right} == {a, b}:
-                break
-            study.record(rater, shown.id, {"overall": "tie"})  # a pair of other systems: a tie, then move on
-        else:
-            raise AssertionError("pair not found")
-        choice = "tie" if winner == "tie" else "left" if winner == left else "right"
-        study.record(rater, shown.id, {"overall": choice})
+        pair = study.db.execute(
+            "SELECT id FROM pairs WHERE ((system_a = ? AND system_b = ?) OR (system_a = ? AND system_b = ?)) AND id "
+            "NOT IN (SELECT pair FROM showings WHERE rater = ?) ORDER BY id LIMIT 1", (a, b, b, a, rater)).fetchone()[0]
+        left, right = (a, b) if rng.random() < 0.5 else (b, a)
+        showing = study.db.execute("INSERT INTO showings (rater, pair, left_system, right_system, shown) VALUES "
+                                   "(?, ?, ?, ?, ?)", (rater, pair, left, right, time.time())).lastrowid
+        study.record(rater, showing, {aspect: "tie" if winner == "tie" else "left" if winner == left else "right"})
 
 
 def test_results_reproduce_a_hand_computed_win_rate_interval_and_ranking(tmp_path):
@@ -367,12 +367,9 @@ def test_results_reproduce_a_hand_computed_win_rate_interval_and_ranking(tmp_pat
     study_dir = make_study(tmp_path, systems=("a", "b"), prompts=prompts, aspects=["overall"])
     study = Study(study_dir)
     # 10 votes of a vs b: 7 wins, 2 ties, 1 loss → (7 + ½·2)/10 = 0.8, Wilson on 8 of 10: [0.4902, 0.9433]
-    table = [(f"r{i}", "a", "b", w) for i, w in enumerate(["a"] * 7 + ["tie"] * 2 + ["b"])]
-    for name, a, b, winner in table:
-        rater = study.rater(name)
-        shown = study.next_showing(rater)
-        left = study.db.execute("SELECT left_system FROM showings WHERE id = ?", (shown.id,)).fetchone()[0]
-        study.record(rater, shown.id, {"overall": "tie" if winner == "tie" else "left" if winner == left else "right"})
+    _fixed_table(study, [(f"r{i}", "a", "b", w) for i, w in enumerate(["a"] * 7 + ["tie"] * 2 + ["b"])])
+    lefts = [v["left"] for v in study.votes()]
+    assert 0 < lefts.count("a") < 10  # both sides were shown
     study.close()
     result = human_eval.main(["results", str(study_dir), "--json"])
     (row,) = result["win_rates"]
