@@ -6,7 +6,7 @@ Two estimators of −log p(x), both in nats per example, for a model of the sign
 - :func:`ode_log_likelihood` — the exact log-density of the continuous normalising flow defined by the
   probability-flow ODE (Song et al. 2021, §4.3 and App. D.2; Chen et al. 2018; the notes "Score-based models:
   continuous-time normalising flows"): log p_0(x(0)) = log p_T(x(T)) + ∫ tr(∂f/∂x) dt, with the trace exact (small D)
-  or estimated by Hutchinson's estimator E_v[vᵀ (∂f/∂x) v] (Hutchinson 1989; Grathwohl et al. 2018).
+  or estimated by Hutchinson's estimator E_v[vᵀ (∂f/∂x) v] (Hutchinson 1989; Grathwohl et al. 2019).
 - :func:`elbo` — the variational bound of Ho et al. 2020 (eq. 5; the notes' ELBO): L_T + Σ_t L_{t−1} + L_0, with a
   discretised Gaussian decoder for L_0 (Ho et al. 2020, eq. 13) or a continuous one (latents), and the sum over
   timesteps computed exactly or estimated from a stratified subset of timesteps weighted by stratum size.
@@ -111,7 +111,7 @@ def ode_log_likelihood(model: ModelFn, diffusion: GaussianDiffusion, x: torch.Te
         sigma0, ab0 = X0_SIGMA_MIN, 1 / (1 + X0_SIGMA_MIN**2)
     sigma1, _ = sigma_of(float(diffusion.num_steps - 1))
     vs = None
-    if trace == "hutchinson":  # (K, B, ...): the same probes for the whole solve (Grathwohl et al. 2018)
+    if trace == "hutchinson":  # (K, B, ...): the same probes for the whole solve (Grathwohl et al. 2019)
         vs = torch.stack([_probe(x.shape, generators, probe, dev, dtype) for _ in range(probes)])
     nfe = 0
 

@@ -2,12 +2,13 @@
 # The whole pipeline on the built-in toy data, on a CPU, in about 20 minutes on 2 cores, after set-up:
 #   install → toy shards → a small CLIP trained on them (the demo's text encoder and evaluator; nothing is
 #   downloaded) → the `tiny` U-Net trained with `accelerate launch pipeline/train.py` → sample grids at several
-#   guidance scales → the evaluation job; then latent diffusion beside it: 64 px toy shards → a small VAE trained on
+#   guidance scales → the evaluation job (with bits/dim of held-out images); then latent diffusion beside it: 64 px toy shards → a small VAE trained on
 #   them → latent shards (precompute.py latents) → the same U-Net trained on 16×16×4 latents → samples and evaluation
 #   decoded through the VAE → OUT/report.md (both runs side by side).
 # Idempotent: a second run reuses what exists (shards, CLIP, VAE, latents, finished training, generated images).
 # Knobs (environment): OUT (runs/quickstart), STEPS (1500), CLIP_STEPS (300), COUNT (4096), EVAL_IMAGES (256),
-# LATENT=0 to skip the latent run, VAE_STEPS (400), LATENT_STEPS (1500), SKIP_SETUP=1 to use the existing .venv.
+# LATENT=0 to skip the latent run, VAE_STEPS (400), LATENT_STEPS (1500), NLL_IMAGES (32; 0 = no likelihood),
+# SKIP_SETUP=1 to use the existing .venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
@@ -18,6 +19,7 @@ EVAL_IMAGES=${EVAL_IMAGES:-256}
 LATENT=${LATENT:-1}
 VAE_STEPS=${VAE_STEPS:-400}
 LATENT_STEPS=${LATENT_STEPS:-1500}
+NLL_IMAGES=${NLL_IMAGES:-32}
 CLIP_CFG=launch/configs/clip/toy-clip.json
 
 [ "${SKIP_SETUP:-0}" = 1 ] || bash launch/setup.sh
@@ -77,7 +79,8 @@ sample_and_evaluate() {
     say "evaluating $EVAL_IMAGES held-out captions per guidance scale with $model"
     $PY pipeline/evaluate.py run --model "$model" --captions "$held_out" --ref "$held_out" \
       --num-images "$EVAL_IMAGES" --guidance 1 2 3 5 --steps 25 --fd-features clip \
-      --clip-model "openclip:toy-clip:$OUT/toy_clip.safetensors" --clip-config "$CLIP_CFG" --out "$eval"
+      --clip-model "openclip:toy-clip:$OUT/toy_clip.safetensors" --clip-config "$CLIP_CFG" --out "$eval" \
+      --likelihood "$NLL_IMAGES" --elbo-timesteps 100 --rtol 1e-4 --atol 1e-4
   fi
 }
 

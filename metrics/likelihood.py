@@ -45,6 +45,15 @@ class LikelihoodOptions:
             raise ValueError(f"unknown method {self.method!r}; allowed values: {', '.join(METHODS)}")
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0 = exact trace), got {self.probes}")
+        if self.elbo_timesteps is not None and self.elbo_timesteps < 1:
+            raise ValueError(f"elbo_timesteps must be >= 1 (or None for all), got {self.elbo_timesteps}")
+        try:
+            from torchdiffeq._impl.odeint import SOLVERS  # its registry: a fixed-step solver would ignore rtol/atol
+        except ImportError:
+            return
+        adaptive = [name for name, cls in SOLVERS.items() if hasattr(cls, "_adaptive_step")]
+        if self.solver not in adaptive:
+            raise ValueError(f"unknown or fixed-step solver {self.solver!r}; adaptive solvers: {', '.join(adaptive)}")
 
 
 def generators(seed: int, indices: list[int], stream: int) -> list[torch.Generator]:

@@ -344,6 +344,10 @@ def cmd_run(args) -> dict:
     from pipeline.generate import image_seed
     from pipeline.sample import Job, run_jobs
 
+    if args.likelihood and args.ref.endswith(".npz"):
+        raise ValueError("--likelihood is measured on the reference images: give --ref as shards or a folder, not "
+                         "an .npz of statistics (or run `evaluate.py nll` on held-out images)")
+    likelihood_options(args)  # bad likelihood settings fail now, not after generating every image
     rank, world, state = rank_world()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,22 @@ def attribute_table(res: dict) -> list[str]:
     return lines + [""]
 
 
+def likelihood_lines(res: dict) -> list[str]:
+    """The evaluation job's likelihood row (``--likelihood N``), if it has one."""
+    nll = res.get("likelihood")
+    if not nll:
+        return []
+    parts = []
+    if "bits_per_dim" in nll:
+        parts.append(f"{nll['bits_per_dim']:.3f} ± {nll['bits_per_dim_stderr'] or 0:.3f} bits/dim through the "
+                     f"probability-flow ODE ({nll['ode']['trace']}, rtol {nll['ode']['rtol']:g})")
+    if "elbo_bits_per_dim" in nll:
+        parts.append(f"≤ {nll['elbo_bits_per_dim']:.3f} ± {nll['elbo_bits_per_dim_stderr'] or 0:.3f} by the ELBO "
+                     f"({nll['elbo']['kl_terms']} KL terms)")
+    return ["## Likelihood", "", f"{nll['num_images']} held-out images, conditioned on {nll['conditioning']}: "
+            + "; ".join(parts) + f" (± one standard error over images). Space: {nll['space']}.", ""]
+
+
 def training_time(run: Path) -> tuple[float, int]:
     """(seconds, steps) of a run's training, from its logged images/s per window (sampling and checkpoints
     included, as they were in the window's wall time)."""
@@ -220,6 +236,7 @@ def main(argv=None):
                       "the real images' row says what a perfect model scores with it, and the attribute table below "
                       "judges from the pixels alone."]
         lines += ["", f"![FD vs CLIP]({rel(Path(args.eval) / 'fid_vs_clip.png')})", ""]
+        lines += likelihood_lines(res)
         lines += attribute_table(res)
     if args.latent_run:
         lrun = Path(args.latent_run)
@@ -232,6 +249,8 @@ def main(argv=None):
             grid = labelled_grid(Path(args.latent_samples), out.parent / "latent_samples_labelled.png", scale=2)
             lines += ["### Latent run: samples", "", f"![latent samples]({rel(grid)})", ""]
         if args.latent_eval:
+            lines += [line.replace("## Likelihood", "### Latent run: likelihood") for line in
+                      likelihood_lines(json.loads((Path(args.latent_eval) / "results.json").read_text()))]
             lines += [line.replace("### Does each image follow its caption?", "### Latent run: does each image follow "
                                    "its caption?") for line in
                       attribute_table(json.loads((Path(args.latent_eval) / "results.json").read_text()))]

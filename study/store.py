@@ -109,14 +109,15 @@ class Study:
         self.db = sqlite3.connect(db_file, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # a committed vote survives a power cut, not only a kill
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # every use of the one connection holds it (the server's threads share it)
         self.rng = random.Random()
 
     def close(self):
         self.db.close()
 
     def _one(self, sql, args=()):
-        return self.db.execute(sql, args).fetchone()
+        with self.lock:
+            return self.db.execute(sql, args).fetchone()
 
     @property
     def num_pairs(self) -> int:
@@ -140,6 +141,10 @@ class Study:
         return rater
 
     def progress(self, rater: int) -> dict:
+        with self.lock:
+            return self._progress(rater)
+
+    def _progress(self, rater: int) -> dict:
         done = self._one("SELECT COUNT(*) FROM showings WHERE rater = ? AND answered IS NOT NULL", (rater,))[0]
         total_votes = self._one("SELECT COUNT(*) FROM showings WHERE answered IS NOT NULL")[0]
         return {"done": done, "pairs": self.num_pairs, "target_per_pair": self.votes_per_pair,
@@ -232,10 +237,14 @@ class Study:
 
     def votes(self) -> list[dict]:
         """Every vote with its rater, pair, prompt, seed, the sides shown, the choice and the time (oldest first)."""
-        rows = self.db.execute(
-            "SELECT v.id, r.name, v.pair, i.prompt, i.seed, p.system_a, p.system_b, v.left_system, v.right_system, "
-            "v.aspect, v.choice, v.winner, v.time FROM votes v JOIN raters r ON r.id = v.rater JOIN pairs p ON "
-            "p.id = v.pair JOIN items i ON i.id = p.item ORDER BY v.id").fetchall()
+        with self.lock:
+            rows = self._votes()
         keys = ["vote", "rater", "pair", "prompt", "seed", "system_a", "system_b", "left", "right", "aspect",
                 "choice", "winner", "time"]
         return [dict(zip(keys, r)) for r in rows]
+
+    def _votes(self) -> list[tuple]:
+        return self.db.execute(
+            "SELECT v.id, r.name, v.pair, i.prompt, i.seed, p.system_a, p.system_b, v.left_system, v.right_system, "
+            "v.aspect, v.choice, v.winner, v.time FROM votes v JOIN raters r ON r.id = v.rater JOIN pairs p ON "
+            "p.id = v.pair JOIN items i ON i.id = p.item ORDER BY v.id").fetchall()

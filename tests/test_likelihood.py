@@ -251,3 +251,23 @@ def test_nll_of_a_folder_without_captions_says_how_to_give_them(demo, tmp_path):
         _nll("--model", demo["model"], "--images", tmp_path)
     assert _nll("--model", demo["model"], "--images", tmp_path, "--unconditional", "--method", "elbo",
                 "--elbo-timesteps", "2")["num_images"] == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--solver", "rk4"], "fixed-step solver"),
+    (["--elbo-timesteps", "0"], "elbo_timesteps must be >= 1"),
+    (["--probes", "-1"], "probes must be >= 0"),
+])
+def test_nll_bad_settings_are_clear_errors(demo, args, message):
+    with pytest.raises(SystemExit, match=message):
+        _nll("--model", demo["model"], "--images", demo["shards"], *args)
+
+
+def test_run_job_likelihood_needs_reference_images(demo, tmp_path):
+    from pipeline import evaluate
+
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4))
+    with pytest.raises(SystemExit, match="not an .npz"):
+        evaluate.main(["run", "--model", demo["model"], "--captions", demo["shards"], "--ref", str(tmp_path / "ref.npz"),
+                       "--clip-model", "openclip:toy-clip", "--out", str(tmp_path / "eval"), "--likelihood", "4"])
+    assert not (tmp_path / "eval").exists()  # refused before anything was generated

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shortened_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OUT": str(out), "SKIP_SETUP": "1", "STEPS": "4", "CLIP_STEPS": "3", "COUNT": "128",
-           "EVAL_IMAGES": "8", "VAE_STEPS": "3", "LATENT_STEPS": "4", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
+           "EVAL_IMAGES": "8", "NLL_IMAGES": "3", "VAE_STEPS": "3", "LATENT_STEPS": "4", "PATH": f"{ROOT / '.venv' / 'bin'}:{os.environ['PATH']}"}
     res = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -60,6 +60,10 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith(("| pixel space |", "| latent space |"))]
     assert len(rows) == 2 and "| 32 px | 3×32² | 4 |" in rows[0] and "| 64 px | 4×16² | 4 |" in rows[1], rows
     assert "Latent run: does each image follow its caption?" in report
+    # bits/dim of held-out images in both runs: pixels (dequantised) and latents, each said so
+    assert results["likelihood"]["num_images"] == 3 and lres["likelihood"]["num_images"] == 3
+    assert "## Likelihood" in report and "### Latent run: likelihood" in report
+    assert "bits/dim through the probability-flow ODE" in report and "Space: latents of the VAE" in report
     # idempotent: a second run reuses everything and only rewrites the report
     again = subprocess.run(["bash", "launch/quickstart.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)
