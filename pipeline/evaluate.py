@@ -313,6 +313,8 @@ def cmd_nll(args) -> dict:
         raise ValueError("--guidance does not apply to nll: the guided ε_u + w(ε_c − ε_u) is not the score of any "
                          "normalised density, so it has no likelihood. nll measures the conditional model (each "
                          "image's caption) or, with --unconditional, the unconditional one.")
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
     opts = likelihood_options(args)
     rank, world, state = rank_world()
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
@@ -344,6 +346,8 @@ def cmd_run(args) -> dict:
     from pipeline.generate import image_seed
     from pipeline.sample import Job, run_jobs
 
+    if args.likelihood < 0:
+        raise ValueError(f"--likelihood is a number of images (0 = none), got {args.likelihood}")
     if args.likelihood and args.ref.endswith(".npz"):
         raise ValueError("--likelihood is measured on the reference images: give --ref as shards or a folder, not "
                          "an .npz of statistics (or run `evaluate.py nll` on held-out images)")
@@ -355,6 +359,9 @@ def cmd_run(args) -> dict:
     if len(captions) < args.num_images:
         log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
+    nll_samples = None
+    if args.likelihood:  # read (and captioned) before anything is generated: a bad reference fails now
+        nll_samples = labelled_images(args.ref, meta["resolution"], args.likelihood, False, None, Counter())
     scorer = CLIPScorer(args.clip_model, args.clip_config, args.allow_download, state.device)
     extractor = CLIPImageExtractor(scorer) if args.fd_features == "clip" else \
         InceptionExtractor(args.inception_weights, state.device)
@@ -390,9 +397,8 @@ def cmd_run(args) -> dict:
         log.info("guidance %g: %s", g, {k: v for k, v in row.items() if k != "clip_model"})
     real = real_row(args.ref, meta["resolution"], len(captions), scorer) if state.is_main_process else None
     nll = None
-    if args.likelihood:  # bits/dim of the reference images (held out), both methods, default settings
-        samples = labelled_images(args.ref, meta["resolution"], args.likelihood, False, None, Counter())
-        nll = likelihood(model, encoder, diffusion, vae, samples, likelihood_options(args), args.batch_size, rank,
+    if nll_samples:  # bits/dim of the reference images (held out)
+        nll = likelihood(model, encoder, diffusion, vae, nll_samples, likelihood_options(args), args.batch_size, rank,
                          world, state.device, progress=state.is_main_process)
         nll = {**{k: v for k, v in nll.items() if k != "images"}, **nll_settings(args, meta, vae, "each image's caption")}
         log.info("likelihood of %d reference images: %s", nll["num_images"],

@@ -35,42 +35,53 @@ SETTINGS = {"guidance": float, "sampler": str, "steps": int, "negative": str}
 # --- create --------------------------------------------------------------------------------------------------------
 
 def parse_system(text: str, defaults: dict) -> tuple[str, dict]:
-    """"NAME=PATH[@key=value,...]" → (name, {"path", "kind": model|folder, settings})."""
+    """"NAME=PATH[@key=value,...]" → (name, {"path", "kind": model|folder, settings}). For a model the settings are
+    how it samples (defaults filled in); for an image folder they pick its images (e.g. one guidance scale of a
+    sample.py folder that holds several)."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise StudyError(f"--system {text!r}: expected NAME=PATH[@guidance=G,sampler=S,steps=N]")
     path, _, opts = rest.partition("@")
-    spec = {"path": path, **defaults}
+    given = {}
     for item in filter(None, opts.split(",")):
         key, _, value = item.partition("=")
         if key not in SETTINGS:
             raise StudyError(f"--system {name}: unknown setting {key!r}; allowed: {', '.join(SETTINGS)}")
         try:
-            spec[key] = SETTINGS[key](value)
+            given[key] = SETTINGS[key](value)
         except ValueError:
             raise StudyError(f"--system {name}: {key}={value!r} is not a {SETTINGS[key].__name__}") from None
     folder = Path(path)
     if (folder / "config.json").is_file():
-        spec["kind"] = "model"
-    elif folder.is_dir():
-        spec["kind"] = "folder"
-        spec = {"path": path, "kind": "folder"}  # sampling settings mean nothing for existing images
-    else:
-        raise StudyError(f"--system {name}: {path} is neither an exported model folder (config.json) nor a folder "
-                         "of images")
-    return name, spec
+        return name, {"path": path, "kind": "model", **defaults, **given}
+    if folder.is_dir():
+        return name, {"path": path, "kind": "folder", "select": given}
+    raise StudyError(f"--system {name}: {path} is neither an exported model folder (config.json) nor a folder of "
+                     "images")
 
 
-def folder_entries(folder: Path) -> list[tuple[str, Path]]:
-    """(prompt, image file) of a folder: from its metadata.jsonl (sample.py, evaluate.py run) or same-named .txt."""
+def folder_entries(folder: Path, select: dict | None = None) -> list[dict]:
+    """{"prompt", "file", and what else the folder's metadata.jsonl says (seed, guidance, sampler, steps)} of a
+    folder's images, those matching ``select`` (e.g. {"guidance": 3.0}); from metadata.jsonl (sample.py, evaluate.py
+    run) or same-named .txt files. A folder that mixes settings must be narrowed with ``select``."""
     meta = folder / "metadata.jsonl"
     if meta.is_file():
         rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        return [(r["prompt"], folder / r["file"]) for r in rows]
-    from pipeline.evaluate import list_images
+        entries = [{**r, "file": folder / r["file"]} for r in rows]
+    else:
+        from pipeline.evaluate import list_images
 
-    return [(f.with_suffix(".txt").read_text(encoding="utf-8").strip(), f) for f in list_images(folder)
-            if f.with_suffix(".txt").is_file()]
+        entries = [{"prompt": f.with_suffix(".txt").read_text(encoding="utf-8").strip(), "file": f}
+                   for f in list_images(folder) if f.with_suffix(".txt").is_file()]
+    select = select or {}
+    key_of = {"negative": "negative_prompt"}
+    entries = [e for e in entries if all(e.get(key_of.get(k, k)) == v for k, v in select.items())]
+    for key in ("guidance", "sampler", "steps", "negative_prompt"):
+        values = sorted({str(e[key]) for e in entries if key in e})
+        if len(values) > 1:
+            raise StudyError(f"{folder} holds images made with {key} {', '.join(values)}: pick one with "
+                             f"NAME={folder}@{'negative' if key == 'negative_prompt' else key}=VALUE")
+    return entries
 
 
 def study_prompts(args, specs: dict) -> list[str]:
@@ -81,7 +92,7 @@ def study_prompts(args, specs: dict) -> list[str]:
     folders = [s for s in specs.values() if s["kind"] == "folder"]
     if not folders:
         raise StudyError("give --prompts (a .txt, .jsonl or shards) for the models to draw")
-    prompts = list(dict.fromkeys(p for p, _ in folder_entries(Path(folders[0]["path"]))))
+    prompts = list(dict.fromkeys(e["prompt"] for e in folder_entries(Path(folders[0]["path"]), folders[0]["select"])))
     if not prompts:
         raise StudyError(f"{folders[0]['path']} has no images with prompts (metadata.jsonl or .txt beside them)")
     return prompts[:args.num_prompts]
@@ -110,9 +121,9 @@ def cmd_create(args) -> dict:
     for name, spec in specs.items():
         if spec["kind"] != "folder":
             continue
-        by_prompt: dict[str, list[Path]] = {}
-        for prompt, file in folder_entries(Path(spec["path"])):
-            by_prompt.setdefault(prompt, []).append(file)
+        by_prompt: dict[str, list[dict]] = {}
+        for entry in folder_entries(Path(spec["path"]), spec["select"]):
+            by_prompt.setdefault(entry["prompt"], []).append(entry)
         missing = [p for p in prompts if len(by_prompt.get(p, [])) < k]
         if missing:
             raise StudyError(f"system {name} ({spec['path']}) has fewer than {k} image(s) for {len(missing)} of the "
@@ -120,14 +131,18 @@ def cmd_create(args) -> dict:
                              "prompts")
         target = out / "systems" / name / "images"
         target.mkdir(parents=True, exist_ok=True)
+        records = []
         for pi, p in enumerate(prompts):
             for ii in range(k):
+                entry = by_prompt[p][ii]
                 rel = Path("systems") / name / "images" / f"p{pi:05d}_i{ii:03d}.png"
                 try:
-                    Image.open(by_prompt[p][ii]).convert("RGB").save(out / rel)
+                    Image.open(entry["file"]).convert("RGB").save(out / rel)
                 except OSError as e:
-                    raise StudyError(f"system {name}: cannot read {by_prompt[p][ii]}: {e}") from None
+                    raise StudyError(f"system {name}: cannot read {entry['file']}: {e}") from None
                 images[(pi * k + ii, name)] = str(rel)
+                records.append({**entry, "file": f"images/{rel.name}", "source": str(entry["file"])})
+        write_jsonl(records, out / "systems" / name / "metadata.jsonl")
     from pipeline.checkpoint import load_exported
     from pipeline.sample import Job, run_jobs
 
@@ -142,10 +157,20 @@ def cmd_create(args) -> dict:
         jobs = [Job(pi, ii, p, spec["negative"], image_seed(args.seed, pi, ii), spec["guidance"])
                 for pi, p in enumerate(prompts) for ii in range(k)]
         folder = out / "systems" / name
+        made_for = {"spec": {**spec, "path": str(Path(spec["path"]).resolve())}, "prompts": prompts,
+                    "seeds": [j.seed for j in jobs], "model_step": meta["step"]}
+        if (folder / "made_for.json").is_file() and json.loads((folder / "made_for.json").read_text()) != made_for:
+            log.warning("system %s: settings, prompts, seeds or model changed since its images were made: "
+                        "making them again", name)
+            for old in (folder / "images").glob("*.png"):
+                old.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "made_for.json").write_text(json.dumps(made_for, indent=1))
         todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
         log.info("system %s: %d of %d images to generate (%s)", name, todo, len(jobs), spec)
-        run_jobs(jobs, unet, encoder, diffusion, meta["resolution"], folder, spec["sampler"], spec["steps"],
-                 args.batch_size, skip_existing=True, vae=vae)
+        records = run_jobs(jobs, unet, encoder, diffusion, meta["resolution"], folder, spec["sampler"],
+                           spec["steps"], args.batch_size, skip_existing=True, vae=vae)
+        write_jsonl(records, folder / "metadata.jsonl")  # each image's prompt, seed and settings
         for j in jobs:
             images[(j.prompt_index * k + j.image_index, name)] = str(Path("systems") / name / "images" / j.name)
     sources = {name: {k2: v for k2, v in spec.items()} for name, spec in specs.items()}
@@ -157,6 +182,10 @@ def cmd_create(args) -> dict:
     log.info("study %s: %d systems, %d prompts × %d image(s), %d pairs; serve it with: python "
              "pipeline/human_eval.py serve %s", out, len(specs), len(prompts), k, pairs, out)
     return {"study": str(out), "systems": list(specs), "prompts": len(prompts), "pairs": pairs}
+
+
+def write_jsonl(rows: list[dict], path: Path) -> None:
+    path.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 # --- serve ---------------------------------------------------------------------------------------------------------

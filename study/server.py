@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .store import Study, StudyError
+from .store import Study, StudyError, as_id
 
 log = logging.getLogger("human_eval")
 PAGE = Path(__file__).with_name("page.html")
@@ -69,13 +69,23 @@ def make_handler(study: Study, token: str | None):
             self._json({"error": message}, status)
 
         # --- request plumbing
-        def _route(self):
+        def _route(self, method: str):
             url = urlsplit(self.path)
             query = parse_qs(url.query)
-            if token is not None:
+            if token is None:
+                # No token: only this machine's own pages may talk to the server. The Host must name the loopback
+                # address (a DNS-rebinding page's Host is its own domain), and votes must be sent as JSON, which a
+                # page of another origin cannot do without a CORS preflight this server never grants.
+                host = (self.headers.get("Host") or "").rsplit(":", 1)[0].strip("[]")
+                if not is_loopback(host):
+                    raise StudyError("this server answers requests for localhost only", 403)
+            else:
                 given = self.headers.get("X-Study-Token") or (query.get("token") or [""])[0]
                 if not hmac.compare_digest(given.encode(), token.encode()):
                     raise StudyError("a valid study token is required (the link you were given has it)", 403)
+            if method == "POST" and (self.headers.get("Content-Type") or "").split(";")[0].strip() != \
+                    "application/json":
+                raise StudyError("send the body as Content-Type: application/json", 415)
             return url.path, query
 
         def _body(self) -> dict:
@@ -83,6 +93,8 @@ def make_handler(study: Study, token: str | None):
                 length = int(self.headers.get("Content-Length", ""))
             except ValueError:
                 raise StudyError("a JSON body with Content-Length is required", 411) from None
+            if length < 0:
+                raise StudyError("a negative Content-Length")
             if length > MAX_BODY:
                 raise StudyError("request body too large", 413)
             try:
@@ -95,7 +107,7 @@ def make_handler(study: Study, token: str | None):
 
         def _handle(self, method: str):
             try:
-                path, query = self._route()
+                path, query = self._route(method)
                 if method == "GET" and path in ("/", "/index.html"):
                     return self._send(200, page, "text/html; charset=utf-8")
                 if method == "GET" and path == "/api/study":
@@ -105,10 +117,7 @@ def make_handler(study: Study, token: str | None):
                     rater = study.rater(self._body().get("name"))
                     return self._json({"rater": rater, "progress": study.progress(rater)})
                 if method == "GET" and path == "/api/next":
-                    try:
-                        rater = int((query.get("rater") or [""])[0])
-                    except ValueError:
-                        raise StudyError("rater must be an integer id") from None
+                    rater = as_id((query.get("rater") or [""])[0], "rater")
                     shown = study.next_showing(rater)
                     if shown is None:
                         return self._json({"done": True, "progress": study.progress(rater)})
@@ -118,7 +127,7 @@ def make_handler(study: Study, token: str | None):
                 if method == "POST" and path == "/api/vote":
                     body = self._body()
                     study.record(body.get("rater"), body.get("showing"), body.get("answers"))
-                    return self._json({"ok": True, "progress": study.progress(body["rater"])})
+                    return self._json({"ok": True, "progress": study.progress(as_id(body["rater"], "rater"))})
                 if method == "GET" and path.startswith("/image/"):
                     file = study.image_path(path[len("/image/"):])
                     return self._send(200, file.read_bytes(), "image/png", cache=True)

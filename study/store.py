@@ -57,6 +57,18 @@ class StudyError(ValueError):
         self.status = status
 
 
+MAX_ID = 2**63 - 1
+
+
+def as_id(value, what: str) -> int:
+    """A database id from a request: an int (or a string of ASCII digits) in [1, 2⁶³); 400 otherwise."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 19:
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_ID:
+        raise StudyError(f"{what} must be an integer id")
+    return value
+
+
 @dataclass
 class Showing:
     id: int
@@ -113,7 +125,8 @@ class Study:
         self.rng = random.Random()
 
     def close(self):
-        self.db.close()
+        with self.lock:  # after any vote being written
+            self.db.close()
 
     def _one(self, sql, args=()):
         with self.lock:
@@ -135,8 +148,8 @@ class Study:
             return self.db.execute("INSERT INTO raters (name, created) VALUES (?, ?)", (name, time.time())).lastrowid
 
     def _check_rater(self, rater) -> int:
-        if not isinstance(rater, int) or isinstance(rater, bool) or not self._one(
-                "SELECT 1 FROM raters WHERE id = ?", (rater,)):
+        rater = as_id(rater, "rater")
+        if not self._one("SELECT 1 FROM raters WHERE id = ?", (rater,)):
             raise StudyError("unknown rater", 404)
         return rater
 
@@ -155,7 +168,7 @@ class Study:
         judged, one with the fewest answers (plus recent unanswered showings to others), at random among equals;
         sides at random. None when the rater has judged every pair."""
         with self.lock:
-            self._check_rater(rater)
+            rater = self._check_rater(rater)
             row = self._one("SELECT id FROM showings WHERE rater = ? AND answered IS NULL ORDER BY id LIMIT 1",
                             (rater,))
             if row is None:
@@ -197,9 +210,8 @@ class Study:
         if bad:
             raise StudyError(f"each answer is one of {', '.join(CHOICES)}; got {bad}")
         with self.lock:
-            self._check_rater(rater)
-            if not isinstance(showing, int) or isinstance(showing, bool):
-                raise StudyError("showing must be an integer id")
+            rater = self._check_rater(rater)
+            showing = as_id(showing, "showing")
             row = self._one("SELECT rater, pair, left_system, right_system, answered FROM showings WHERE id = ?",
                             (showing,))
             if row is None:
@@ -219,15 +231,20 @@ class Study:
                                     (showing, rater, pair, left, right, aspect, choice, winner, now))
                 self.db.execute("UPDATE showings SET answered = ? WHERE id = ?", (now, showing))
                 self.db.execute("COMMIT")
+            except sqlite3.IntegrityError:  # another server process on the same study answered it first
+                self.db.execute("ROLLBACK")
+                raise StudyError("this pair was already answered", 409) from None
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
 
     def image_path(self, image_id: str) -> Path:
         """The file of image ``image_id`` (digits only), resolved inside the study folder; 404 otherwise."""
-        if not image_id.isdigit():
-            raise StudyError("no such image", 404)
-        row = self._one("SELECT path FROM images WHERE id = ?", (int(image_id),))
+        try:
+            image = as_id(image_id, "image")
+        except StudyError:
+            raise StudyError("no such image", 404) from None
+        row = self._one("SELECT path FROM images WHERE id = ?", (image,))
         if row is None:
             raise StudyError("no such image", 404)
         path = (self.folder / row[0]).resolve()

@@ -9,6 +9,7 @@ none, so run these where one is: ``pytest tests/test_gpu.py``).
 - The jobs on CUDA: training with bf16 mixed precision, then sampling in bf16 and fp16 from its export; the
   shipped recipes (ZeRO-2 launch file with the base64 config in bf16 and fp16; one GPU, bf16 + torch.compile) under
   accelerate launch.
+- Likelihood (`evaluate.py nll`) on the GPU against the CPU.
 - Latent diffusion: the VAE in bf16 by default on a GPU (close to fp32; fp16 for a force_upcast VAE is warned
   about); the 256 px latent recipe, shrunk, from image shards and from latent shards precomputed on the GPU.
 """
@@ -286,6 +287,29 @@ def test_images_on_cuda_barely_depend_on_the_batch_size(cuda_run, tmp_path):
     diff = np.stack([np.abs(a[k] - b[k]) for k in a])
     assert diff.max() <= 4 and (diff > 0).mean() < 0.05, (diff.max(), (diff > 0).mean())
     assert np.mean([np.abs(a[k] - other[k]).mean() for k in a]) > 10 * diff.mean() + 1  # another seed: other images
+
+
+def test_likelihood_on_cuda_follows_the_cpu(cuda_run):
+    """`evaluate.py nll` on the GPU (the U-Net in fp32, probes and dequantisation drawn on the CPU from per-image
+    seeds): the same bits/dim as on the CPU up to the solver's tolerance and fp32 rounding."""
+    import os
+    import subprocess
+    import sys
+
+    from data.write_shards import write_toy
+    from pipeline import evaluate
+
+    held = cuda_run.parent / "held_nll"
+    write_toy(held, count=4, resolution=16, seed=5, max_samples=4)
+    args = ["nll", "--model", str(cuda_run / "model"), "--images", str(held / "00000.tar"), "--num-images", "4",
+            "--elbo-timesteps", "20", "--rtol", "1e-5", "--atol", "1e-5", "--json"]
+    gpu = evaluate.main(args)
+    res = subprocess.run([sys.executable, "pipeline/evaluate.py", *args], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cpu = json.loads(res.stdout.strip().splitlines()[-1])
+    assert abs(gpu["bits_per_dim"] - cpu["bits_per_dim"]) < 1e-3
+    assert abs(gpu["elbo_bits_per_dim"] - cpu["elbo_bits_per_dim"]) < 1e-3
 
 
 @pytest.mark.parametrize("launch_file,precision,extra", [

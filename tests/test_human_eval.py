@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -55,11 +56,13 @@ class Client:
     def __init__(self, base: str, token: str | None = None):
         self.base, self.token = base, token
 
-    def call(self, path: str, body=None, raw: bytes | None = None, method=None):
+    def call(self, path: str, body=None, raw: bytes | None = None, method=None, headers=None):
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.base + path, data=data, method=method)
         if data is not None:
             req.add_header("Content-Type", "application/json")
+        for key, value in (headers or {}).items():
+            req.add_header(key, value)
         if self.token:
             req.add_header("X-Study-Token", self.token)
         try:
@@ -124,10 +127,31 @@ def test_create_from_a_model_at_two_settings_and_a_folder_generates_the_same_see
     assert len(w1) == len(w5) == 6 and all(Image.open(f).size == (16, 16) for f in w1 + w5)
     meta = json.loads((tmp_path / "study/study.json").read_text())
     assert meta["sources"]["w5"]["sampler"] == "ddpm" and meta["sources"]["w5"]["guidance"] == 5
+    records = {name: [json.loads(line) for line in (tmp_path / "study/systems" / name / "metadata.jsonl")
+                      .read_text().splitlines()] for name in ("w1", "w5", "old")}
+    assert [r["seed"] for r in records["w1"]] == [r["seed"] for r in records["w5"]]  # only the system differs
+    assert len({r["seed"] for r in records["w1"]}) == 6 and [r["guidance"] for r in records["w5"]] == [5.0] * 6
+    assert [r["prompt"] for r in records["old"]] == [r["prompt"] for r in records["w1"]]
     # creating again over a study with votes is refused, nothing is touched
     with pytest.raises(SystemExit, match="already holds a study"):
         human_eval.main(["create", "--out", str(tmp_path / "study"), "--system", f"a={folder}",
                          "--system", f"b={folder}"])
+
+
+def test_a_folder_of_several_guidance_scales_must_be_narrowed_to_one(tmp_path):
+    rows = [{"file": f"{p}_{g}.png", "prompt": p, "guidance": g, "seed": 1} for p in ("a", "b") for g in (1.0, 3.0)]
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, r in enumerate(rows):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(folder / r["file"])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    other = image_folder(tmp_path / "other", ["a", "b"], 3)
+    with pytest.raises(SystemExit, match="guidance 1.0, 3.0: pick one"):
+        human_eval.main(["create", "--out", str(tmp_path / "s1"), "--system", f"x={folder}", "--system", f"y={other}"])
+    human_eval.main(["create", "--out", str(tmp_path / "s2"), "--system", f"x={folder}@guidance=3",
+                     "--system", f"y={other}"])
+    copied = [json.loads(line) for line in (tmp_path / "s2/systems/x/metadata.jsonl").read_text().splitlines()]
+    assert [r["source"].rsplit("/", 1)[1] for r in copied] == ["a_3.0.png", "b_3.0.png"]
 
 
 def test_systems_that_do_not_share_prompts_are_refused(tmp_path):
@@ -194,8 +218,13 @@ BAD_REQUESTS = {
     "unknown rater": ("/api/vote", {"rater": 777}, 404),
     "missing aspect": ("/api/vote", {"answers": {"overall": "left"}}, 400),
     "unknown aspect": ("/api/vote", {"answers": {"overall": "left", "speed": "left"}}, 400),
-    "bad choice": ("/api/vote", {"answers": "both"}, 400),
+    "answers not an object": ("/api/vote", {"answers": "left"}, 400),
     "bad choice value": ("/api/vote", {"answers": "sideways"}, 400),
+    "huge showing id": ("/api/vote", {"showing": 10**30}, 400),
+    "huge rater id": ("/api/vote", {"rater": -(10**30)}, 400),
+    "huge rater in query": ("/api/next?rater=99999999999999999999999", None, 400),
+    "huge image id": ("/image/99999999999999999999999", None, 404),
+    "unicode digits": ("/image/%C2%B2", None, 404),
     "empty rater name": ("/api/rater", {"name": ""}, 400),
     "rater not an int": ("/api/next?rater=abc", None, 400),
     "unknown endpoint": ("/api/export", None, 404),
@@ -220,8 +249,8 @@ def test_bad_requests_get_4xx_and_lose_no_vote(served, case):
     if isinstance(body, dict):
         full = {"rater": rater, "showing": shown["showing"], "answers": answers(study)}
         full.update(body)
-        if body.get("answers") in ("both", "sideways"):
-            full["answers"] = {a: body["answers"] for a in study.aspects}
+        if body.get("answers") == "sideways":
+            full["answers"] = {a: "sideways" for a in study.aspects}
         got, payload = client.call(path, full)
     elif isinstance(body, bytes):
         got, payload = client.call(path, raw=body)
@@ -230,6 +259,28 @@ def test_bad_requests_get_4xx_and_lose_no_vote(served, case):
     assert got == status, payload
     assert isinstance(payload, dict) and payload.get("error")
     assert study.votes() == before  # nothing stored, nothing lost
+
+
+def test_requests_from_other_sites_and_broken_bodies_are_refused(served):
+    import http.client
+
+    client, study = served
+    rater = client.call("/api/rater", {"name": "ann"})[1]["rater"]
+    shown = client.call(f"/api/next?rater={rater}")[1]
+    vote = json.dumps({"rater": rater, "showing": shown["showing"], "answers": answers(study)}).encode()
+    # a page elsewhere can post text/plain without a preflight: refused; a DNS-rebinding page sends its own Host
+    assert client.call("/api/vote", raw=vote, headers={"Content-Type": "text/plain"})[0] == 415
+    assert client.call("/api/study", headers={"Host": "evil.example:80"})[0] == 403
+    host, port = client.base.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)  # a negative length must not hang the server
+    conn.putrequest("POST", "/api/vote")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "-5")
+    conn.endheaders()
+    assert conn.getresponse().status == 400
+    conn.close()
+    assert study.votes() == []
+    assert client.call("/api/vote", raw=vote)[0] == 200 and len(study.votes()) == 5
 
 
 def test_a_second_vote_on_a_pair_and_a_vote_on_anothers_pair_are_refused(served):
@@ -269,7 +320,9 @@ def start_server(study_dir: Path, *extra) -> tuple[subprocess.Popen, str]:
                              *(extra or ("--port", "0"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"(http://\S+)", line)
-    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    if not match:
+        proc.kill()
+        raise AssertionError(f"the server did not start: {line!r} {proc.stderr.read()[-2000:]}")
     return proc, match.group(1)
 
 
@@ -417,7 +470,8 @@ def test_page_in_headless_chromium_votes_land_and_a_restarted_server_continues(t
     playwright = pytest.importorskip("playwright.sync_api")
     expect = playwright.expect
     study_dir = make_study(tmp_path)
-    proc, url = start_server(study_dir)
+    proc, url = start_server(study_dir, "--port", "0", "--token", "tok3n")  # the link carries the token
+    assert url.endswith("?token=tok3n")
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
     try:
@@ -430,7 +484,7 @@ def test_page_in_headless_chromium_votes_land_and_a_restarted_server_continues(t
             page.keyboard.press("Enter")
             page.wait_for_selector("#judge:not(.hidden)")
             assert page.text_content("#prompt") in PROMPTS
-            expect(page.locator("#left")).to_have_attribute("src", re.compile(r"^/image/\d+$"))
+            expect(page.locator("#left")).to_have_attribute("src", re.compile(r"^/image/\d+\?token=tok3n$"))
             page.wait_for_load_state("load")
             assert page.locator("#left").evaluate("img => img.complete && img.naturalWidth") == 16  # the PNG shows
             # first pair by keyboard: left, right, tie, left, right; then Enter
@@ -453,8 +507,8 @@ def test_page_in_headless_chromium_votes_land_and_a_restarted_server_continues(t
 
             proc.send_signal(signal.SIGKILL)  # mid-study: the third pair is on screen, unanswered
             proc.wait()
-            port = url.rstrip("/").rsplit(":", 1)[1]
-            proc, url = start_server(study_dir, "--port", port)  # same address (the page's storage is per origin)
+            port = str(urllib.parse.urlsplit(url).port)
+            proc, url = start_server(study_dir, "--port", port, "--token", "tok3n")  # same origin: same storage
             page.goto(url)  # same browser: the name is remembered
             assert page.input_value("#name") == "ann"
             page.click("#start")
