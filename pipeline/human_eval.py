@@ -17,7 +17,6 @@ aspect (left / right / tie). See study/store.py for what is stored, and metrics/
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import secrets
@@ -237,13 +236,6 @@ def analyse(study: Study, bootstrap: int = 200) -> dict:
     }
 
 
-def write_rows(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)) or ["empty"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -281,11 +273,13 @@ def cmd_results(args) -> dict:
     result = analyse(study, args.bootstrap)
     out = Path(args.out) if args.out else study.folder / "results"
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(study.votes(), out / "votes.csv")
-    write_rows(result["win_rates"], out / "win_rates.csv")
+    from pipeline.evaluate import write_csv
+
+    write_csv(study.votes(), out / "votes.csv")
+    write_csv(result["win_rates"], out / "win_rates.csv")
     if result["ranking"]:
-        write_rows(result["ranking"], out / "ranking.csv")
-    write_rows(result["agreement"], out / "agreement.csv")
+        write_csv(result["ranking"], out / "ranking.csv")
+    write_csv(result["agreement"], out / "agreement.csv")
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if result["win_rates"]:
         plot(result, out / "win_rates.png")

@@ -2,7 +2,6 @@
 the statistics against hand computations, and the page driven by a real headless Chromium."""
 
 import json
-import os
 import re
 import shutil
 import signal
