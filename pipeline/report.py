@@ -117,9 +117,11 @@ def likelihood_lines(res: dict) -> list[str]:
                      f"probability-flow ODE ({nll['ode']['trace']}, rtol {nll['ode']['rtol']:g})")
     if "elbo_bits_per_dim" in nll:
         parts.append(f"≤ {nll['elbo_bits_per_dim']:.3f} ± {nll['elbo_bits_per_dim_stderr'] or 0:.3f} by the ELBO "
-                     f"({nll['elbo']['kl_terms']} KL terms)")
+                     f"(KL terms: {nll['elbo']['kl_terms']})")
+    latent = "latents" in nll["space"]
     return ["## Likelihood", "", f"{nll['num_images']} held-out images, conditioned on {nll['conditioning']}: "
-            + "; ".join(parts) + f" (± one standard error over images). Space: {nll['space']}.", ""]
+            + "; ".join(parts) + f" (± one standard error over images). Space: {nll['space']}"
+            + (" (a density of continuous values: it can be negative)." if latent else "."), ""]
 
 
 def training_time(run: Path) -> tuple[float, int]:
