@@ -350,6 +350,18 @@ def test_votes_survive_a_killed_server_and_the_rater_continues(tmp_path):
     assert len(Study(study_dir).votes()) == 5
 
 
+def test_expose_without_a_token_makes_one_and_prints_it_in_the_link(tmp_path):
+    proc, url = start_server(make_study(tmp_path), "--port", "0", "--expose")
+    try:
+        token = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["token"][0]
+        base = url.split("/?")[0]
+        assert len(token) >= 16 and Client(base).call("/api/study")[0] == 403
+        assert Client(base, token).call("/api/study")[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def test_serve_refuses_a_public_address_without_expose(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "pipeline/human_eval.py"), "serve", str(make_study(tmp_path)),
                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60)
