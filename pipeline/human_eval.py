@@ -172,9 +172,7 @@ def cmd_create(args) -> dict:
         write_jsonl(records, folder / "metadata.jsonl")  # each image's prompt, seed and settings
         for j in jobs:
             images[(j.prompt_index * k + j.image_index, name)] = str(Path("systems") / name / "images" / j.name)
-    sources = {name: {k2: v for k2, v in spec.items()} for name, spec in specs.items()}
-    for spec in sources.values():
-        spec["path"] = str(Path(spec["path"]).resolve())
+    sources = {name: {**spec, "path": str(Path(spec["path"]).resolve())} for name, spec in specs.items()}
     create(out, args.name or out.resolve().name, list(specs), items, images, args.aspects, args.votes_per_pair,
            sources)
     pairs = len(items) * len(specs) * (len(specs) - 1) // 2

@@ -135,6 +135,17 @@ def test_create_from_a_model_at_two_settings_and_a_folder_generates_the_same_see
     with pytest.raises(SystemExit, match="already holds a study"):
         human_eval.main(["create", "--out", str(tmp_path / "study"), "--system", f"a={folder}",
                          "--system", f"b={folder}"])
+    # a create interrupted before its database, rerun with other settings for one system: only that system's images
+    # are made again (the others are reused)
+    (tmp_path / "study/votes.sqlite").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "study/systems").rglob("*.png")}
+    human_eval.main(["create", "--out", str(tmp_path / "study"), "--prompts", str(tmp_path / "prompts.txt"),
+                     "--system", f"w1={run / 'model'}@guidance=1,steps=2",
+                     "--system", f"w5={run / 'model'}@guidance=5,steps=3,sampler=ddpm",
+                     "--system", f"old={folder}", "--images-per-prompt", "2"])
+    remade = {p.parent.parent.name for p, t in stamps.items() if p.stat().st_mtime_ns != t}
+    assert "w5" in remade and "w1" not in remade
+    assert json.loads((tmp_path / "study/systems/w5/made_for.json").read_text())["spec"]["steps"] == 3
 
 
 def test_a_folder_of_several_guidance_scales_must_be_narrowed_to_one(tmp_path):
