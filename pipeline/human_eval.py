@@ -20,12 +20,14 @@ import argparse
 import json
 import logging
 import secrets
+import socket
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study.store import ASPECTS, Study, StudyError, create  # noqa: E402
+from study.store import ASPECTS, Study, StudyError, check_system_name, create  # noqa: E402
 
 log = logging.getLogger("human_eval")
 SETTINGS = {"guidance": float, "sampler": str, "steps": int, "negative": str}
@@ -40,6 +42,7 @@ def parse_system(text: str, defaults: dict) -> tuple[str, dict]:
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise StudyError(f"--system {text!r}: expected NAME=PATH[@guidance=G,sampler=S,steps=N]")
+    check_system_name(name)
     path, _, opts = rest.partition("@")
     given = {}
     for item in filter(None, opts.split(",")):
@@ -65,8 +68,8 @@ def folder_entries(folder: Path, select: dict | None = None) -> list[dict]:
     run) or same-named .txt files. A folder that mixes settings must be narrowed with ``select``."""
     meta = folder / "metadata.jsonl"
     if meta.is_file():
-        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-        entries = [{**r, "file": folder / r["file"]} for r in rows]
+        entries = [metadata_entry(folder, meta, n, line)
+                   for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     else:
         from pipeline.evaluate import list_images
 
@@ -81,6 +84,20 @@ def folder_entries(folder: Path, select: dict | None = None) -> list[dict]:
             raise StudyError(f"{folder} holds images made with {key} {', '.join(values)}: pick one with "
                              f"NAME={folder}@{'negative' if key == 'negative_prompt' else key}=VALUE")
     return entries
+
+
+def metadata_entry(folder: Path, meta: Path, n: int, line: str) -> dict:
+    """Line ``n`` of a folder's metadata.jsonl as {"prompt", "file" (a path), ...}; the prompt may be called
+    "caption", as in the captions files evaluate.py reads."""
+    try:
+        row = json.loads(line)
+    except ValueError as e:
+        raise StudyError(f"{meta} line {n} is not JSON ({e})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("file"), str) or \
+            not isinstance(row.get("prompt", row.get("caption")), str):
+        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+        raise StudyError(f"{meta} line {n}: each line needs \"file\" and \"prompt\" (or \"caption\"), found {keys}")
+    return {**row, "prompt": row.get("prompt", row.get("caption")), "file": folder / row["file"]}
 
 
 def study_prompts(args, specs: dict) -> list[str]:
@@ -115,12 +132,14 @@ def cmd_create(args) -> dict:
     prompts = study_prompts(args, specs)
     k = args.images_per_prompt
     items = [(p, image_seed(args.seed, pi, ii)) for pi, p in enumerate(prompts) for ii in range(k)]
-    # Folders first: a folder that lacks a prompt is a bad study, found before any model generates anything.
+    # Folders first, all of them read before anything is written: a folder that lacks a prompt, or whose metadata
+    # is broken, is a bad study, found before any image is copied or any model generates anything.
     images: dict[tuple[int, str], str] = {}
+    folders: dict[str, dict[str, list[dict]]] = {}
     for name, spec in specs.items():
         if spec["kind"] != "folder":
             continue
-        by_prompt: dict[str, list[dict]] = {}
+        by_prompt = folders[name] = {}
         for entry in folder_entries(Path(spec["path"]), spec["select"]):
             by_prompt.setdefault(entry["prompt"], []).append(entry)
         missing = [p for p in prompts if len(by_prompt.get(p, [])) < k]
@@ -128,6 +147,7 @@ def cmd_create(args) -> dict:
             raise StudyError(f"system {name} ({spec['path']}) has fewer than {k} image(s) for {len(missing)} of the "
                              f"study's {len(prompts)} prompts, e.g. {missing[:2]}: the systems of a study must share "
                              "prompts")
+    for name, by_prompt in folders.items():
         target = out / "systems" / name / "images"
         target.mkdir(parents=True, exist_ok=True)
         records = []
@@ -187,17 +207,40 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 # --- serve ---------------------------------------------------------------------------------------------------------
 
-def cmd_serve(args) -> dict:
-    from study.server import is_loopback, make_server
+def reachable_host(host: str) -> str:
+    """What raters can type to reach a server listening on ``host``: "localhost" for loopback; for a wildcard
+    address (0.0.0.0, ::), which names no machine, this machine's address on its default route (connecting a UDP
+    socket picks it and sends nothing; 192.0.2.1 and 2001:db8::1 are documentation addresses, RFC 5737 and 3849),
+    or its host name where there is no route; IPv6 in brackets."""
+    from study.server import is_loopback
 
+    if is_loopback(host):
+        return "localhost"
+    if host in ("0.0.0.0", "::"):
+        family, probe = (socket.AF_INET6, "2001:db8::1") if host == "::" else (socket.AF_INET, "192.0.2.1")
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                host = s.getsockname()[0]
+        except OSError:
+            host = socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
+def cmd_serve(args) -> dict:
+    from study.server import make_server
+
+    if args.token is not None and not args.token:
+        raise StudyError("--token is empty (an unset variable?): give a token, or leave --token out")
+    if not args.timeout > 0:
+        raise StudyError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     study = Study(args.study)
     token = args.token
     if args.expose and not token:
         token = secrets.token_urlsafe(16)
-    server = make_server(study, args.host, args.port, token, args.expose)
+    server = make_server(study, args.host, args.port, token, args.expose, args.timeout, args.max_raters)
     host, port = server.server_address[:2]
-    shown = "localhost" if is_loopback(host) else host
-    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    url = f"http://{reachable_host(host)}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
     print(f"serving study {study.meta['name']!r} ({study.num_pairs} pairs, {len(study.systems)} systems) at {url}",
           flush=True)
     print("votes are saved as they arrive; Ctrl-C stops the server (raters can come back later under the same name)",
@@ -266,6 +309,17 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# A text cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection"); rater names
+# and prompts come from outside, so such a cell gets a leading apostrophe, which spreadsheets show as text and hide.
+# votes.sqlite and results.json keep the text as it was.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(rows: list[dict]) -> list[dict]:
+    return [{k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v for k, v in r.items()}
+            for r in rows]
+
+
 def cmd_results(args) -> dict:
     study = Study(args.study)
     result = analyse(study, args.bootstrap)
@@ -273,11 +327,11 @@ def cmd_results(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     from pipeline.evaluate import write_csv
 
-    write_csv(study.votes(), out / "votes.csv")
-    write_csv(result["win_rates"], out / "win_rates.csv")
+    write_csv(spreadsheet_safe(study.votes()), out / "votes.csv")
+    write_csv(spreadsheet_safe(result["win_rates"]), out / "win_rates.csv")
     if result["ranking"]:
-        write_csv(result["ranking"], out / "ranking.csv")
-    write_csv(result["agreement"], out / "agreement.csv")
+        write_csv(spreadsheet_safe(result["ranking"]), out / "ranking.csv")
+    write_csv(spreadsheet_safe(result["agreement"]), out / "agreement.csv")
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if result["win_rates"]:
         plot(result, out / "win_rates.png")
@@ -292,6 +346,16 @@ def cmd_results(args) -> dict:
 
 # --- command line --------------------------------------------------------------------------------------------------
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -301,16 +365,16 @@ def parse_args(argv=None):
                     help="a system: an exported model (with @guidance=,sampler=,steps=,negative=) or an image folder; "
                          "repeat for each (two or more)")
     sp.add_argument("--prompts", help="prompts: .txt, .jsonl or shards (default: the first image folder's prompts)")
-    sp.add_argument("--num-prompts", type=int, default=50, help="at most this many prompts")
-    sp.add_argument("--images-per-prompt", type=int, default=1, help="seeds per prompt")
+    sp.add_argument("--num-prompts", type=positive_int, default=50, help="at most this many prompts")
+    sp.add_argument("--images-per-prompt", type=positive_int, default=1, help="seeds per prompt")
     sp.add_argument("--aspects", nargs="+", default=list(ASPECTS), choices=list(ASPECTS), help="questions asked")
-    sp.add_argument("--votes-per-pair", type=int, default=3, help="answers to aim for per pair (scheduling)")
+    sp.add_argument("--votes-per-pair", type=positive_int, default=3, help="answers to aim for per pair (scheduling)")
     sp.add_argument("--name", help="title shown to raters (default: the folder's name)")
     sp.add_argument("--guidance", type=float, default=3.0, help="default guidance of model systems")
     sp.add_argument("--sampler", default="ddim", help="default sampler of model systems")
     sp.add_argument("--steps", type=int, default=50, help="default sampler steps of model systems")
     sp.add_argument("--seed", type=int, default=0, help="seeds of the images (shared by all model systems)")
-    sp.add_argument("--batch-size", type=int, default=16, help="images per forward when generating")
+    sp.add_argument("--batch-size", type=positive_int, default=16, help="images per forward when generating")
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     sp = sub.add_parser("serve", help="serve the study's page to raters")
     sp.add_argument("study", help="the study folder")
@@ -318,10 +382,14 @@ def parse_args(argv=None):
     sp.add_argument("--port", type=int, default=8765, help="port (0: any free port, printed at start)")
     sp.add_argument("--expose", action="store_true", help="allow a non-loopback --host; raters then need the token")
     sp.add_argument("--token", help="rater token required on every request (default with --expose: a random one)")
+    sp.add_argument("--max-raters", type=positive_int, help="refuse new rater names past this many")
+    sp.add_argument("--timeout", type=float, default=60.0,
+                    help="seconds a connection may take to send a request or take an answer (then it is closed)")
     sp = sub.add_parser("results", help="win rates with 95%% CIs, ranking, agreement, CSV and plot")
     sp.add_argument("study", help="the study folder")
     sp.add_argument("--out", help="output folder (default: STUDY/results)")
-    sp.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of the ranking's intervals")
+    sp.add_argument("--bootstrap", type=positive_int, default=200,
+                    help="bootstrap resamples of the ranking's intervals")
     sp.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p.parse_args(argv)
 
