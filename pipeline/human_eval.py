@@ -11,7 +11,8 @@ a folder of existing images. Every system shows an image for the same prompts an
 (from the same seeds, so only the system differs), folders must hold one for every prompt (matched by prompt, in
 order). Images are copied or generated into the study folder, which is self-contained: move it to where the raters
 are. Each pair (prompt, seed, two systems) is shown with the sides drawn at random; raters answer one question per
-aspect (left / right / tie). See study/store.py for what is stored, and metrics/preference.py for the statistics.
+aspect (left / right / tie). docs/human_study.md says what the study guarantees (blinding, rater keys, durability)
+and what each results file holds; study/store.py what is stored, metrics/preference.py the statistics.
 """
 
 from __future__ import annotations

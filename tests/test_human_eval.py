@@ -559,11 +559,12 @@ def test_votes_survive_a_killed_server_and_the_rater_continues(tmp_path):
 
 def test_expose_prints_a_reachable_url_encoded_link(tmp_path):
     study_dir = make_study(tmp_path)
-    proc, url = start_server(study_dir, "--port", "0", "--expose")  # no token given: one is made
+    # listening on every interface, with no token given: one is made
+    proc, url = start_server(study_dir, "--host", "0.0.0.0", "--port", "0", "--expose")
     try:
         parts = urllib.parse.urlsplit(url)
         token = urllib.parse.parse_qs(parts.query)["token"][0]
-        assert parts.hostname not in ("0.0.0.0", "::")  # a wildcard address is nothing a rater can open
+        assert parts.hostname != "0.0.0.0"  # a wildcard address is nothing a rater can open: this machine's is
         assert len(token) >= 16 and Client(url.split("/?")[0]).call("/api/study")[0] == 403
         assert Client(url.split("/?")[0], token).call("/api/study")[0] == 200
         assert Client(url.rstrip("/")).call("")[0] == 200  # the printed link itself opens the page
@@ -630,7 +631,7 @@ def test_fifty_raters_at_once_lose_and_duplicate_no_vote(tmp_path):
     assert {v["rater"] for v in votes} == {f"rater{i}" for i in range(raters)}
     p50, p99 = np.percentile(latencies, [50, 99])
     print(f"\n{raters} raters, {len(latencies)} requests: latency p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
-    assert len(latencies) == raters * (1 + 2 * rounds)
+    assert len(latencies) == raters * (1 + 2 * rounds) and p99 < 5.0  # loose: ~0.2 s measured on 2 busy cores
 
 
 # --- statistics ----------------------------------------------------------------------------------------------------
@@ -987,13 +988,8 @@ def test_page_takes_no_answer_until_both_new_images_are_shown(served_page):
 
     open_page, study = served_page
     page = open_page()
-    sign_in(page)
     held = []
     page.route(re.compile(r"/image/"), lambda route: held.append(route))
-    for _ in study.aspects:
-        page.keyboard.press("1")
-    page.keyboard.press("Enter")
-    expect(page.locator("#progress")).to_have_text("Judged 1 of 3 pairs")
 
     def refuses_answers():
         expect(page.locator("#loading")).to_be_visible()
@@ -1004,24 +1000,34 @@ def test_page_takes_no_answer_until_both_new_images_are_shown(served_page):
         assert page.locator("#aspects button.chosen").count() == 0
         assert page.locator("#aspects button:enabled").count() == 0 and page.locator("#submit").is_disabled()
 
-    deadline = time.monotonic() + 10
-    while len(held) < 2 and time.monotonic() < deadline:
-        page.wait_for_timeout(20)
-    assert len(held) == 2
-    refuses_answers()
-    held[0].continue_()  # one image arrives: still nothing
-    page.wait_for_timeout(300)
-    refuses_answers()
-    held[1].continue_()
-    wait_until_ready(page)
-    expect(page.locator("#left")).to_be_visible()
-    expect(page.locator("#prompt")).to_be_visible()
-    assert page.locator("#right").evaluate("img => img.complete && img.naturalWidth") == 16
+    def arrive_one_by_one():
+        deadline = time.monotonic() + 10
+        while len(held) < 2 and time.monotonic() < deadline:
+            page.wait_for_timeout(20)
+        assert len(held) == 2
+        refuses_answers()
+        held.pop(0).continue_()  # one image arrives: still nothing
+        page.wait_for_timeout(300)
+        refuses_answers()
+        held.pop(0).continue_()
+        wait_until_ready(page)
+        expect(page.locator("#left")).to_be_visible()
+        expect(page.locator("#prompt")).to_be_visible()
+        assert page.locator("#right").evaluate("img => img.complete && img.naturalWidth") == 16
+
+    page.fill("#name", "ann")
+    page.click("#start")
+    arrive_one_by_one()  # the first pair, after signing in
+    for _ in study.aspects:
+        page.keyboard.press("1")
+    page.keyboard.press("Enter")
+    expect(page.locator("#progress")).to_have_text("Judged 1 of 3 pairs")
+    arrive_one_by_one()  # the next pair, after a vote: the previous images must not be judged under its prompt
     for _ in study.aspects:
         page.keyboard.press("3")
     page.keyboard.press("Enter")
     expect(page.locator("#progress")).to_have_text("Judged 2 of 3 pairs")
-    assert len(study.votes()) == 10
+    assert [v["choice"] for v in study.votes()] == ["left"] * 5 + ["right"] * 5
 
 
 def test_page_on_a_phone(served_page):
