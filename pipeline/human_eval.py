@@ -244,7 +244,7 @@ def cmd_serve(args) -> dict:
     url = f"http://{reachable_host(host)}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
     print(f"serving study {study.meta['name']!r} ({study.num_pairs} pairs, {len(study.systems)} systems) at {url}",
           flush=True)
-    print("votes are saved as they arrive; Ctrl-C stops the server (raters can come back later under the same name)",
+    print("votes are saved as they arrive; Ctrl-C stops the server (raters can come back later in the same browser)",
           flush=True)
     try:
         server.serve_forever()

@@ -461,6 +461,26 @@ def test_exposing_the_server_needs_a_flag_and_a_token(tmp_path):
         study.close()
 
 
+def test_a_study_made_before_image_and_rater_keys_gets_them_and_keeps_its_votes(tmp_path):
+    study_dir = make_study(tmp_path)
+    study = Study(study_dir)
+    _fixed_table(study, [("old", "a", "b", "a")])
+    study.close()
+    db = sqlite3.connect(study_dir / "votes.sqlite")  # back to the schema of a study made before issue 29
+    db.executescript("DROP INDEX images_key; ALTER TABLE images DROP COLUMN key; "
+                     "ALTER TABLE raters DROP COLUMN key_hash;")
+    db.close()
+    study = Study(study_dir)
+    keys = [k for (k,) in study.db.execute("SELECT key FROM images")]
+    assert len(set(keys)) == 6 and all(IMAGE_URL.fullmatch(f"/image/{k}") for k in keys)
+    rater, key = study.sign_in("old")  # the rater's first sign-in since: a key, and their progress
+    assert study.progress(rater)["done"] == 1 and study.sign_in("old", key) == (rater, key)
+    with pytest.raises(StudyError, match="another browser"):
+        study.sign_in("old")
+    assert len(study.votes()) == 5
+    study.close()
+
+
 def test_a_second_server_on_one_study_is_refused(tmp_path):
     """Two servers would each keep their own lock around the database and could hand a rater two showings."""
     study_dir = make_study(tmp_path)
