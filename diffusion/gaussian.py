@@ -27,7 +27,7 @@ from .schedules import SCHEDULES, make_betas
 
 PREDICTIONS = ("epsilon", "v", "x0")
 WEIGHTINGS = ("simple", "elbo", "min_snr")
-SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras")
+SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras", "sd")
 
 # The smallest ᾱ the samplers and spacings work with. ᾱ_T = 0 (a zero-terminal-SNR schedule), and the ᾱ below this
 # of the steps next to it, mean σ = √((1−ᾱ)/ᾱ) = ∞ or τ = −log ᾱ = ∞: the samplers that need those finite read
@@ -292,6 +292,8 @@ class GaussianDiffusion:
 
         ``linspace`` spans T−1 … 0 evenly (the first step starts from the noisiest level);
         ``leading`` is DDIM's / diffusers' default (0, k, 2k, … reversed, k = T // steps);
+        ``sd`` is Stable Diffusion's: ``leading`` shifted by one (1, k+1, 2k+1, …; diffusers' ``steps_offset=1``, which
+        its Stable Diffusion pipelines impose);
         ``trailing`` ends at T−1 (Lin et al. 2024, Table 2): round(T − i·T/n) − 1 for i = 0 … n−1;
         ``logsnr`` is uniform in λ = ½ log SNR between the noisiest and the cleanest step (Lu et al. 2022);
         ``karras`` is uniform in σ^(1/ρ), ρ = 7, with σ = √((1−ᾱ)/ᾱ) (Karras et al. 2022, eq. 5), which keeps an
@@ -310,8 +312,8 @@ class GaussianDiffusion:
         i = torch.arange(n)
         if spacing == "linspace":
             ts = torch.linspace(T - 1, 0, n, dtype=torch.float64).round().long()
-        elif spacing == "leading":
-            ts = (i * (T // n)).flip(0)
+        elif spacing in ("leading", "sd"):
+            ts = (i * (T // n)).flip(0) + (spacing == "sd")
         elif spacing == "trailing":
             ts = (T - i * (T / n)).round().long() - 1
         else:
@@ -326,6 +328,7 @@ class GaussianDiffusion:
             j = torch.where((grid - asc[lo]).abs() <= (asc[hi] - grid).abs(), lo, hi)  # the nearest timestep
             ts = (j if spacing == "karras" else T - 1 - j).sort(descending=True).values
             ts[0] = T - 1  # the run starts from the noisiest step (ties at the ᾱ floor may round elsewhere)
+        ts = ts.clamp(max=T - 1)  # `sd` at n = T would reach T
         # Rounded neighbours that coincide are pushed apart (t_i ≤ t_{i−1} − 1, a running minimum), keeping room
         # below for the steps still to come (t_i ≥ n−1−i): strictly descending, n distinct values in [0, T−1].
         ts = torch.cummin(ts + i, 0).values - i

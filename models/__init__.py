@@ -1,6 +1,6 @@
 """Networks and text encoders."""
 
-from .registry import SIZES, build_model, model_config
+from .registry import SIZES, build, build_model, model_config
 from .unet import UNet, UNetConfig
 
-__all__ = ["UNet", "UNetConfig", "SIZES", "build_model", "model_config"]
+__all__ = ["UNet", "UNetConfig", "SIZES", "build", "build_model", "model_config"]

@@ -178,12 +178,19 @@ def load_autoencoder(cfg: AutoencoderConfig, device="cpu") -> FrozenVAE | None:
                                  f"{len(info['mismatched_keys'])} of the VAE's tensors, e.g. "
                                  f"{(info['missing_keys'] + info['mismatched_keys'])[:2]}")
         else:
-            if path.suffix != ".safetensors":
-                raise ValueError("a single-file VAE must be .safetensors (pickled .ckpt/.pt files are not loaded)")
+            from .stable_diffusion import SDError, VAE_PREFIX, checkpoint_keys, read_checkpoint
+
+            if path.suffix not in (".safetensors", ".ckpt"):
+                raise ValueError("a single-file VAE must be .safetensors, or .ckpt (read with weights_only=True)")
             config = _family_config(cfg.config, path)
+            try:  # a whole Stable Diffusion checkpoint: only its first_stage_model.* tensors are read
+                whole = any(k.startswith(VAE_PREFIX) for k in checkpoint_keys(path))
+                state = read_checkpoint(path, (VAE_PREFIX,) if whole else ())
+            except SDError as e:
+                raise ValueError(str(e)) from None
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "config.json").write_text(json.dumps(config))
-                vae = AutoencoderKL.from_single_file(str(path), config=tmp, local_files_only=True)
+                vae = AutoencoderKL.from_single_file(state, config=tmp, local_files_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 — diffusers raises many kinds for a file that is not a VAE

@@ -47,7 +47,9 @@ class TextEncoderConfig:
     name: str = "ViT-B-32"  # OpenCLIP model name, or a Hugging Face hub id / local directory
     pretrained: str | None = None  # OpenCLIP: a pretrained tag (from the local cache) or a local checkpoint file
     local_files_only: bool = True  # Hugging Face: never reach the hub
-    config_file: str | None = None  # OpenCLIP: a local model-config JSON that defines `name` (a custom architecture)
+    # OpenCLIP: a local model-config JSON that defines `name` (a custom architecture); hf_clip with a Stable Diffusion
+    # single file: a pipeline-like folder of configs (its text_encoder/config.json, tokenizer/)
+    config_file: str | None = None
     weights: str | None = None  # a .safetensors of this encoder's own state dict (what training exports)
     seed: int = 0  # the initialisation seed when no pretrained weights are given (the same encoder on every rank)
 
@@ -148,25 +150,41 @@ class OpenCLIPTextEncoder(TextEncoder):
 
 
 class HFCLIPTextEncoder(TextEncoder):
-    """transformers' CLIPTextModel + CLIPTokenizer, from a local directory or a hub id in the local cache."""
+    """transformers' CLIPTextModel + CLIPTokenizer from local files: a ``save_pretrained`` folder (the tokenizer's
+    files beside the model's), a Stable Diffusion pipeline folder (its text_encoder/ and tokenizer/), an SD 1.x/2.x
+    single file (``models.stable_diffusion``; ``config_file``: a pipeline-like folder of configs for other shapes),
+    or a hub id in the local cache.
 
-    def __init__(self, name: str, local_files_only: bool = True):
+    As Stable Diffusion's pipelines do, the attention mask reaches the model only when its config says
+    ``use_attention_mask`` (SD's CLIP runs causally over the padding, and its U-Net attends to every token); the
+    returned ``mask`` marks the real tokens either way."""
+
+    def __init__(self, name: str, local_files_only: bool = True, config_file: str | None = None):
         super().__init__()
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        from .stable_diffusion import SDError, is_sd_source, open_sd
+
         is_dir = Path(name).is_dir()
-        if _looks_like_path(name) and not is_dir:
-            raise FileNotFoundError(f"Hugging Face CLIP directory {name!r} does not exist; pass a folder holding "
-                                    "config.json, the weights and tokenizer files (save_pretrained), or a hub id")
+        if _looks_like_path(name) and not (is_dir or Path(name).is_file()):
+            raise FileNotFoundError(f"Hugging Face CLIP {name!r} does not exist; pass a folder holding config.json, "
+                                    "the weights and tokenizer files (save_pretrained), a Stable Diffusion folder or "
+                                    "single file, or a hub id")
         try:
-            self.tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=local_files_only)
-            self.model = CLIPTextModel.from_pretrained(name, local_files_only=local_files_only)
+            if is_sd_source(name):
+                self.model, self.tokenizer = open_sd(name, config_file).text_encoder()
+            else:
+                self.tokenizer = CLIPTokenizer.from_pretrained(name, local_files_only=local_files_only)
+                self.model = CLIPTextModel.from_pretrained(name, local_files_only=local_files_only)
+        except SDError as e:
+            raise ValueError(str(e)) from None
         except OSError as e:
             raise FileNotFoundError(
                 f"could not load Hugging Face CLIP text model {name!r} from local files ({e}). Download it once "
                 f"with `huggingface-cli download {name}` or pass a local directory"
                 + ("; or set text_encoder.local_files_only=false to allow a download" if local_files_only else "")) from e
         cfg = self.model.config
+        self.use_mask = bool(getattr(cfg, "use_attention_mask", False))
         self.context_length = min(cfg.max_position_embeddings, self.tokenizer.model_max_length)
         self.dim = self.pooled_dim = cfg.hidden_size
         self.identity = f"hf_clip:{name}:{self._fingerprint()}"
@@ -179,8 +197,13 @@ class HFCLIPTextEncoder(TextEncoder):
         self._warn_truncated(sum(n > self.context_length for n in lengths), len(captions))
         batch = self.tokenizer(captions, padding="max_length", truncation=True, max_length=self.context_length,
                                return_tensors="pt").to(self.device)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"] if self.use_mask else None)
         return {"tokens": out.last_hidden_state, "mask": batch["attention_mask"].bool(), "pooled": out.pooler_output}
+
+    def save(self, folder: Path) -> None:
+        """The model and its tokenizer in one ``save_pretrained`` folder (what this class loads back)."""
+        self.model.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
@@ -206,7 +229,7 @@ def build_text_encoder(cfg: TextEncoderConfig) -> TextEncoder:
             torch.manual_seed(cfg.seed)
             encoder = OpenCLIPTextEncoder(cfg.name, cfg.pretrained)
     else:
-        encoder = HFCLIPTextEncoder(cfg.name, cfg.local_files_only)
+        encoder = HFCLIPTextEncoder(cfg.name, cfg.local_files_only, cfg.config_file)
     if cfg.weights:
         from safetensors.torch import load_file
 

@@ -202,6 +202,8 @@ def check_model_config(path: Path, model_config: dict, meaning: dict | None = No
 def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_config, text_cfg, text_encoder,
                  diffusion_cfg, resolution: int, step: int, vae=None, autoencoder_cfg=None):
     """Write RUN/model/ atomically (main process)."""
+    from models.registry import family_of
+
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -210,14 +212,18 @@ def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_confi
     if ema_state is not None:
         save_file(cpu(ema_state), str(tmp / "unet_ema.safetensors"))
     text = {k: v for k, v in dataclasses.asdict(text_cfg).items() if k != "cache"}
-    if not text_cfg.pretrained and not text_cfg.weights:  # randomly initialised: ship the weights themselves
+    if text_cfg.kind == "hf_clip":  # bundled (model + tokenizer): the folder works wherever it is moved
+        text_encoder.save(tmp / "text_encoder")
+        text.update(name="text_encoder", config_file=None, source=text_cfg.name)
+    elif not text_cfg.pretrained and not text_cfg.weights:  # randomly initialised: ship the weights themselves
         save_file(cpu(text_encoder.state_dict()), str(tmp / "text_encoder.safetensors"))
         text["weights"] = "text_encoder.safetensors"
-    if text_cfg.config_file:
+    if text_cfg.config_file and text_cfg.kind == "openclip":
         shutil.copy(text_cfg.config_file, tmp / Path(text_cfg.config_file).name)
         text["config_file"] = Path(text_cfg.config_file).name
-    meta = {"format": 1, "step": step, "resolution": resolution, "model": dataclasses.asdict(unet_config),
-            "text_encoder": text, "diffusion": dataclasses.asdict(diffusion_cfg)}
+    meta = {"format": 1, "step": step, "resolution": resolution, "model_family": family_of(unet_config),
+            "model": dataclasses.asdict(unet_config), "text_encoder": text,
+            "diffusion": dataclasses.asdict(diffusion_cfg)}
     if vae is not None:  # bundled: the scale and shift used in training, resolved, beside the VAE's own weights
         from models.autoencoder import load_autoencoder
 
@@ -242,8 +248,8 @@ def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
     vae is None for a pixel-space model."""
     from diffusion import DiffusionConfig, GaussianDiffusion
     from models.autoencoder import AutoencoderConfig, load_autoencoder
+    from models.registry import build, config_from_dict
     from models.text_encoders import TextEncoderConfig, build_text_encoder
-    from models.unet import UNet, UNetConfig
 
     model_dir = Path(model_dir)
     cfg_file = model_dir / "config.json"
@@ -256,12 +262,12 @@ def load_exported(model_dir: str | Path, device="cpu", ema: bool = True):
         log.warning("%s has no EMA weights; using the raw weights", model_dir)
     if not weights.is_file():
         raise FileNotFoundError(f"{model_dir} is incomplete: {weights.name} is missing")
-    text = dict(meta["text_encoder"])
-    for key in ("weights", "config_file"):  # files shipped in the folder are relative to it
-        if text.get(key) and not Path(text[key]).is_absolute():
+    text = {k: v for k, v in meta["text_encoder"].items() if k != "source"}
+    for key in ("weights", "config_file", "name"):  # files shipped in the folder are relative to it
+        if text.get(key) and (model_dir / text[key]).exists() and not Path(text[key]).is_absolute():
             text[key] = str(model_dir / text[key])
     encoder = build_text_encoder(TextEncoderConfig(**text)).to(device)
-    unet = UNet(UNetConfig(**meta["model"]))
+    unet = build(config_from_dict(meta.get("model_family", "unet"), meta["model"]))
     unet.load_state_dict(read_safetensors(weights))
     unet.to(device).eval().requires_grad_(False)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(**meta["diffusion"]))

@@ -28,8 +28,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
-    size: str = "tiny"  # a name from models.registry.SIZES
-    overrides: dict = field(default_factory=dict)  # any UNetConfig field, e.g. {dropout: 0.1, channel_mult: [1, 2]}
+    size: str = "tiny"  # a name from models.registry.SIZES (own U-Net: tiny ... large; diffusers' SD shape: sd, sd2)
+    # any field of the size's config, e.g. {dropout: 0.1, channel_mult: [1, 2]}; for sd/sd2 also any
+    # UNet2DConditionModel argument. With `pretrained`, only gradient_checkpointing and attention_backend.
+    overrides: dict = field(default_factory=dict)
+    # Start from Stable Diffusion 1.x/2.x: a diffusers pipeline folder or a single .safetensors/.ckpt file. Its U-Net
+    # (architecture and weights), VAE, text encoder and noise schedule are used: the autoencoder, text_encoder and
+    # diffusion sections follow it (an explicit setting that contradicts it is an error); model.size is not used.
+    pretrained: str | None = None
+    # single files of another shape than SD 1.x/2.x's: a local folder laid out like a pipeline's, with the configs
+    # (unet/config.json, vae/config.json, text_encoder/config.json, tokenizer/, scheduler/scheduler_config.json)
+    pretrained_config: str | None = None
 
 
 @dataclass
@@ -127,12 +136,15 @@ class TrainConfig:
             raise
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if self.model.size not in SIZES:
+        if self.model.pretrained:
+            apply_pretrained(self)
+        elif self.model.size not in SIZES:
             raise ConfigError(f"model.size={self.model.size!r}; allowed: {', '.join(SIZES)}")
-        try:
-            model_config(self.model.size, **self.model.overrides)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model.overrides: {e}") from None
+        else:
+            try:
+                model_config(self.model.size, **self.model.overrides)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"model.overrides: {e}") from None
         checks = [
             (self.optim.mixed_precision in ("no", "bf16", "fp16"), "optim.mixed_precision must be no, bf16 or fp16"),
             (self.optim.schedule in ("constant", "cosine"), "optim.schedule must be constant or cosine"),
@@ -148,6 +160,62 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         return self
+
+
+# What model.pretrained decides, per section (the rest of those sections stays the user's).
+PRETRAINED_KEYS = {"diffusion": ("num_steps", "schedule", "prediction", "zero_terminal_snr"),
+                   "text_encoder": ("kind", "name", "config_file"), "autoencoder": ("path", "config")}
+PRETRAINED_OVERRIDES = ("gradient_checkpointing", "attention_backend")
+
+
+def apply_pretrained(cfg: TrainConfig) -> None:
+    """Make the config follow ``model.pretrained`` (a Stable Diffusion folder or file): its text encoder, VAE and
+    noise schedule. A key the user set explicitly (``cfg.explicit``) to another value is a ConfigError."""
+    from models.stable_diffusion import SDError, diffusion_settings, open_sd
+
+    m = cfg.model
+    try:
+        src = open_sd(m.pretrained, m.pretrained_config)
+        scheduler = src.scheduler()
+    except SDError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+    bad = set(m.overrides) - set(PRETRAINED_OVERRIDES)
+    if bad:
+        raise ConfigError(f"model.overrides {sorted(bad)} with model.pretrained: the architecture is the checkpoint's "
+                          f"(only {', '.join(PRETRAINED_OVERRIDES)} can be set)")
+    explicit = getattr(cfg, "explicit", set())
+    config_dir = m.pretrained_config
+    wanted = {"text_encoder": {"kind": "hf_clip", "name": m.pretrained, "config_file": config_dir},
+              "autoencoder": {"path": m.pretrained,
+                              "config": None if src.is_folder else (str(Path(config_dir) / "vae") if config_dir
+                                                                     else "sd")}}
+    if scheduler is not None:
+        try:
+            wanted["diffusion"] = diffusion_settings(scheduler)
+        except SDError as e:
+            raise ConfigError(f"model.pretrained: {e}") from None
+    elif "diffusion.prediction" not in explicit:
+        raise ConfigError(f"model.pretrained={m.pretrained!r} is a Stable Diffusion 2.x file, whose weights do not say "
+                          f"what they predict: set diffusion.prediction=v (the 768 px models) or epsilon (512 px base)")
+    else:
+        wanted["diffusion"] = {"num_steps": 1000, "schedule": "scaled_linear", "zero_terminal_snr": False}
+    for section, values in wanted.items():
+        for key, value in values.items():
+            current = getattr(getattr(cfg, section), key)
+            if f"{section}.{key}" in explicit and current != value:
+                raise ConfigError(f"{section}.{key}={current!r} contradicts model.pretrained ({m.pretrained}), which "
+                                  f"gives {value!r}: remove the setting (the checkpoint decides it)")
+            setattr(getattr(cfg, section), key, value)
+
+
+def explicit_keys(raw: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a config file and its overrides set (``{"a": {"b": 1}}`` → {"a", "a.b"})."""
+    out = set()
+    for k, v in raw.items():
+        out.add(prefix + k)
+        if isinstance(v, dict):
+            out |= explicit_keys(v, f"{prefix}{k}.")
+    return out
 
 
 def _check(value, tp, key: str):
@@ -274,7 +342,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
                               f"arguments: quote it, e.g. 'data.shards=/data/{{00000..09999}}.tar'")
         seen[key] = item
         apply_override(raw, item)
-    return from_dict(TrainConfig, raw).validate()
+    cfg = from_dict(TrainConfig, raw)
+    cfg.explicit = explicit_keys(raw)  # what the user set (model.pretrained refuses contradicting settings)
+    return cfg.validate()
 
 
 def save_config(cfg: TrainConfig, path: Path):

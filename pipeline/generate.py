@@ -23,18 +23,21 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], seeds: list[int], resolution: int,
              guidance: float = 3.0, negative: list[str] | None = None, sampler: str = "ddim",
              steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
-             clip_x0: float | None = 1.0, progress_callback=None, vae=None) -> torch.Tensor:
+             clip_x0: float | None = 1.0, progress_callback=None, vae=None, spacing: str | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
     """One batch: images (B, 3, R, R) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``.
 
     With a ``vae`` the sampler runs on (B, ``channels``, R/f, R/f) latents, unclipped (latents are not bounded by
     ±1), and the VAE decodes them to R px.
     ``negative[i]`` (default "") is what the unconditional branch sees. Guidance 1 runs the conditional branch
-    only; otherwise both branches run in one batched forward (diffusion.guidance)."""
+    only; otherwise both branches run in one batched forward (diffusion.guidance). ``spacing``: the timestep
+    spacing (default: the sampler's). ``noise``: the initial x_T itself, instead of drawing it from the seeds."""
     device = device or next(model.parameters()).device
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
     size = resolution // vae.factor if vae is not None else resolution
-    noise = torch.stack([torch.randn(channels, size, size, generator=g, device=device) for g in gens])
+    if noise is None:
+        noise = torch.stack([torch.randn(channels, size, size, generator=g, device=device) for g in gens])
     cond = cond_to(encoder.encode(list(prompts)), device, dtype)
     uncond = cond_to(encoder.encode(list(negative)), device, dtype) if guidance != 1 else None
 
@@ -43,7 +46,7 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
 
     images = sample(sampler, net, noise, diffusion, steps=steps, cond=cond,
                     guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=None if vae is not None else clip_x0),
-                    generator=gens, callback=progress_callback)
+                    generator=gens, callback=progress_callback, spacing=spacing)
     if vae is not None:
         images = vae.decode(images)
     return images.clamp(-1, 1)

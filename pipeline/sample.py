@@ -27,6 +27,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from diffusion import DEFAULT_STEPS, SAMPLERS  # noqa: E402
+from diffusion.gaussian import SPACINGS  # noqa: E402
+from diffusion.samplers import DEFAULT_SPACING  # noqa: E402
 from pipeline.generate import generate, image_seed, to_uint8  # noqa: E402
 
 log = logging.getLogger("sample")
@@ -85,7 +87,7 @@ def make_jobs(prompts: list[dict], guidances: list[float], num_images: int, seed
 def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_dir: Path, sampler: str,
              steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
              skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
-             vae=None) -> list[dict]:
+             vae=None, spacing: str | None = None) -> list[dict]:
     """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata."""
     from PIL import Image
 
@@ -103,7 +105,8 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_di
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
                                   resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
-                                  steps=steps, channels=model.cfg.in_channels, device=device, vae=vae)
+                                  steps=steps, channels=model.cfg.in_channels, device=device, vae=vae,
+                                  spacing=spacing)
             for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
                 tmp = images_dir / (j.name + ".tmp")
                 Image.fromarray(img).save(tmp, format="PNG")
@@ -112,6 +115,7 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_di
     bar.close()
     return [{"file": f"images/{j.name}", "prompt": j.prompt, "negative_prompt": j.negative, "seed": j.seed,
              "guidance": j.guidance, "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler],
+             "spacing": spacing or DEFAULT_SPACING[sampler],
              "prompt_index": j.prompt_index, "image_index": j.image_index, **(extra_meta or {})} for j in jobs]
 
 
@@ -144,6 +148,8 @@ def parse_args(argv=None):
                    help="guidance scale(s) w ≥ 0 (1 = none); several make grid columns")
     p.add_argument("--sampler", default="ddim", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, help="sampler steps (default: the sampler's own default)")
+    p.add_argument("--spacing", choices=SPACINGS, help="which timesteps the steps visit (default: the sampler's own; "
+                   "`sd` is what Stable Diffusion pipelines (and pipeline/export.py's) use)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt and guidance scale")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward (does not change the images)")
     p.add_argument("--seed", type=int, default=0, help="base seed; image seeds derive from it, the prompt and image index")
@@ -192,7 +198,7 @@ def main(argv=None):
                        args.batch_size, state.process_index, state.num_processes, dtype,
                        progress=state.is_main_process,
                        extra_meta={"model": str(Path(args.model).resolve()), "model_step": meta["step"],
-                                   "ema": not args.no_ema}, vae=vae)
+                                   "ema": not args.no_ema}, vae=vae, spacing=args.spacing)
     state.wait_for_everyone()
     if state.is_main_process:
         with open(out / "metadata.jsonl", "w") as f:

@@ -35,9 +35,10 @@ from data.latents import check_manifest  # noqa: E402
 from data.loader import hash_seed  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
-from models.registry import model_config  # noqa: E402
+from models.diffusers_unet import DiffusersUNetConfig  # noqa: E402
+from models.registry import build, downsample_factor, family_of, model_config  # noqa: E402
+from models.stable_diffusion import SDError, open_sd  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
-from models.unet import UNet  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import distributed as dist  # noqa: E402
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config  # noqa: E402
@@ -114,6 +115,34 @@ def update_ema(ema, model, accelerator):
             ema.update()
 
 
+def network_config(cfg: TrainConfig, text_encoder, vae):
+    """The U-Net's config: the named size with the run's overrides, its input channels from the VAE (3 in pixel space)
+    and its token width from the text encoder; with model.pretrained, the checkpoint's own U-Net (diffusers family)."""
+    channels = vae.channels if vae is not None else 3
+    if not cfg.model.pretrained:
+        return model_config(cfg.model.size, **{"context_dim": text_encoder.dim, "pooled_dim": text_encoder.pooled_dim,
+                                               "in_channels": channels, **cfg.model.overrides})
+    try:
+        unet = open_sd(cfg.model.pretrained, cfg.model.pretrained_config).unet_config()
+    except SDError as e:
+        raise ValueError(f"model.pretrained: {e}") from None
+    net = DiffusersUNetConfig.from_diffusers(unet, **cfg.model.overrides)
+    if net.context_dim != text_encoder.dim:
+        raise ValueError(f"model.pretrained: its U-Net attends to {net.context_dim}-wide tokens but its text encoder "
+                         f"gives {text_encoder.dim}: the checkpoint's parts do not belong together")
+    return net
+
+
+def load_pretrained_weights(cfg: TrainConfig, model) -> None:
+    """model.pretrained's U-Net weights into the freshly built network (not on resume: the checkpoint has them)."""
+    if cfg.model.pretrained:
+        try:
+            model.load_diffusers_state_dict(open_sd(cfg.model.pretrained, cfg.model.pretrained_config).unet_state())
+        except SDError as e:
+            raise ValueError(f"model.pretrained: {e}") from None
+        log.info("U-Net weights from %s", cfg.model.pretrained)
+
+
 def latent_geometry(unet_cfg, vae, resolution: int):
     """Check that the U-Net's input channels and the sizes fit the VAE and the resolution (ValueError otherwise)."""
     channels = vae.channels if vae is not None else 3
@@ -128,13 +157,13 @@ def latent_geometry(unet_cfg, vae, resolution: int):
     if resolution % factor:
         raise ValueError(f"data.resolution={resolution} does not divide by the VAE's downsampling factor {factor}: "
                          f"use a multiple of {factor}")
-    levels = 2 ** (len(unet_cfg.channel_mult) - 1)
+    levels = downsample_factor(unet_cfg)
     size = resolution // factor
     if size % levels:
+        halvings = levels.bit_length() - 1
         raise ValueError(f"the U-Net's input is {size}×{size} ({'latents of ' if vae else ''}data.resolution="
-                         f"{resolution}), which its {len(unet_cfg.channel_mult)} levels cannot halve "
-                         f"{len(unet_cfg.channel_mult) - 1} times evenly: use a resolution that is a multiple of "
-                         f"{levels * factor}")
+                         f"{resolution}), which its {halvings + 1} levels cannot halve {halvings} times evenly: use a "
+                         f"resolution that is a multiple of {levels * factor}")
 
 
 def batch_input(batch, vae, device) -> torch.Tensor:
@@ -321,10 +350,7 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         if cfg.text_encoder.cache:
             encoder.load(cfg.text_encoder.cache)
         vae = load_autoencoder(cfg.autoencoder, device)  # frozen: outside the optimiser, DDP and ZeRO
-        unet_cfg = model_config(cfg.model.size, **{"context_dim": text_encoder.dim,
-                                                   "pooled_dim": text_encoder.pooled_dim,
-                                                   "in_channels": vae.channels if vae is not None else 3,
-                                                   **cfg.model.overrides})
+        unet_cfg = network_config(cfg, text_encoder, vae)
         latent_geometry(unet_cfg, vae, cfg.data.resolution)
         empty = None  # the "" embedding, when the shards store caption embeddings of this text encoder
         if loader.manifest is not None:
@@ -335,14 +361,16 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
                             "%s: encoding the captions instead", stored, text_encoder.identity)
             elif stored:
                 empty = cond_to(text_encoder.encode([""]), device)
-        meaning = {"autoencoder": vae.identity() if vae is not None else None,
+        meaning = {"model_family": family_of(unet_cfg), "autoencoder": vae.identity() if vae is not None else None,
                    "diffusion": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "schedule", "zero_terminal_snr",
                                                                        "prediction")}}
         if resume_from:
             ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg), meaning)
+        model = build(unet_cfg)
+        if not resume_from:
+            load_pretrained_weights(cfg, model)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    model = UNet(unet_cfg)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     o = cfg.optim
     try:

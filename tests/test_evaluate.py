@@ -15,6 +15,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from helpers import threads
 from metrics.fid import FID_WEIGHTS_NAME, FeatureStats, frechet_distance, load_stats, save_stats
 from metrics.prdc import precision_recall
 from pipeline import evaluate
@@ -143,7 +144,8 @@ def test_features_equal_pytorch_fids_network_with_batch_norms_folded(tmp_path):
 
 def test_fid_same_with_two_processes(folders, inception_weights):
     a, b = folders
-    one = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--json"])["fid"]
+    with threads(1):  # the kernels each of the two processes runs (OMP_NUM_THREADS=1)
+        one = evaluate.main(["fid", str(a), str(b), "--inception-weights", str(inception_weights), "--json"])["fid"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "pipeline/evaluate.py", "fid", str(a), str(b), "--inception-weights", str(inception_weights),

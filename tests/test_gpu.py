@@ -382,16 +382,16 @@ def test_vae_on_cuda_defaults_to_bf16_and_follows_fp32(tmp_path):
 
 
 def test_latent_recipe_runs_on_cuda(tmp_path):
-    """The 256 px latent recipe shrunk (a small random VAE, 32 px, narrow `sd` U-Net), bf16 on one GPU, from image
+    """The 256 px latent recipe shrunk (a small random VAE, 32 px, a two-level `sd` U-Net), bf16 on one GPU, from image
     shards (live encoding) and from latent shards precomputed on the GPU: finite losses, an export with its VAE."""
     from data.write_shards import write_toy
-    from helpers import make_vae
+    from helpers import TINY_SD_OVERRIDES, make_vae
     from pipeline import precompute, train
 
     write_toy(tmp_path / "shards", count=64, resolution=32, max_samples=16)
     common = [f"data.shards={tmp_path / 'shards'}", "data.resolution=32", "data.min_size=16", "data.num_workers=1",
               "data.epoch_samples=1000", f"autoencoder.path={make_vae(tmp_path / 'vae')}", "optim.batch_size=8",
-              "model.overrides.base_channels=32", "model.overrides.head_channels=32", "text_encoder.kind=openclip",
+              *TINY_SD_OVERRIDES, "text_encoder.kind=openclip",
               "text_encoder.name=toy-clip", "text_encoder.config_file=launch/configs/clip/toy-clip.json",
               "logging.tracker=none", "logging.every=1", "logging.sample_every=0", "logging.sample_steps=2"]
     config = ["--config", str(ROOT / "launch/configs/latent256.yaml")]

@@ -134,6 +134,10 @@ def test_shipped_vae_families_build_the_published_architectures():
             assert vae.config.latent_channels == 16 and vae.quant_conv is None and cfg["shift_factor"] > 0
 
 
+class Unpicklable:
+    pass
+
+
 @pytest.mark.parametrize("case", ["missing", "no_config", "not_a_vae_folder", "partial_weights", "not_a_vae_file",
                                   "single_file_without_config", "pickle", "unknown_family"])
 def test_bad_vae_paths_are_clear_errors(tmp_path, case):
@@ -159,9 +163,9 @@ def test_bad_vae_paths_are_clear_errors(tmp_path, case):
     elif case == "single_file_without_config":
         save_file(weights, str(tmp_path / "v.safetensors"))
         path, match = str(tmp_path / "v.safetensors"), "autoencoder.config = one of sd, sdxl, sd3, flux"
-    elif case == "pickle":
-        torch.save(weights, tmp_path / "v.ckpt")
-        path, config, match = str(tmp_path / "v.ckpt"), "sd", "must be .safetensors"
+    elif case == "pickle":  # a .ckpt that needs arbitrary unpickling (a plain tensor dict would load, weights_only)
+        torch.save({"state_dict": weights, "callback": Unpicklable()}, tmp_path / "v.ckpt")
+        path, config, match = str(tmp_path / "v.ckpt"), str(folder), "needs unsafe unpickling"
     elif case == "unknown_family":
         save_file(weights, str(tmp_path / "v.safetensors"))
         path, config, error, match = str(tmp_path / "v.safetensors"), "sd9", FileNotFoundError, "neither a shipped"

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from data.write_shards import write_toy
+from helpers import TINY_SD_OVERRIDES
 from pipeline import distributed as dist
 from pipeline import train
 from pipeline.checkpoint import load_exported
@@ -29,8 +30,12 @@ from pipeline.checkpoint import load_exported
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_FILES = sorted(p.name for p in (ROOT / "launch" / "accelerate").glob("*.yaml"))
 CONFIGS = sorted(p.name for p in (ROOT / "launch" / "configs").glob("*.yaml"))
-LATENT_CONFIGS = [c for c in CONFIGS  # run by test_latent_recipes (they need a VAE and latent shards)
-                  if (yaml.safe_load((ROOT / "launch" / "configs" / c).read_text()).get("autoencoder") or {}).get("path")]
+def _latent(name: str) -> bool:
+    raw = yaml.safe_load((ROOT / "launch" / "configs" / name).read_text())
+    return bool((raw.get("autoencoder") or {}).get("path") or (raw.get("model") or {}).get("pretrained"))
+
+
+LATENT_CONFIGS = [c for c in CONFIGS if _latent(c)]  # run by test_latent_recipes (a VAE, latent shards)
 PIXEL_CONFIGS = [c for c in CONFIGS if c not in LATENT_CONFIGS]
 
 
@@ -115,8 +120,20 @@ FACTORS = {"launch": LAUNCH_FILES, "config": PIXEL_CONFIGS, "precision": ["no", 
            "ema": [True, False]}
 
 
+def deepspeed_fp16() -> bool:
+    """Whether DeepSpeed's accelerator here has fp16: the check the job refuses an fp16 DeepSpeed launch by. Its CPU
+    accelerator has it on CPUs with AVX-512 FP16 (oneDNN's fp16 kernels), not on older ones."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().is_fp16_supported()
+
+
+DS_FP16 = deepspeed_fp16()
+
+
 def valid(c: dict) -> bool:
-    """DeepSpeed has no fp16 on a CPU (refused before the first step: tested below); everything else must run."""
+    """Every combination runs in the matrix but DeepSpeed with fp16, which only some CPUs have: the same matrix on
+    every machine. test_deepspeed_fp16_runs_where_supported_and_is_refused_elsewhere covers it."""
     return not ("launch" in c and "precision" in c and c["precision"] == "fp16" and is_deepspeed(c["launch"]))
 
 
@@ -146,6 +163,7 @@ CASES = pairwise_cases() + EXTRA
 # Resumed after step 2 (to 3): every other case and each launch file at least once — resume's exactness is tested
 # per engine elsewhere (test_train, the fault injection below), and each resume costs a whole launch.
 RESUMED = {c for i, c in enumerate(CASES) if i % 2 == 0} | {next(c for c in CASES if c.launch == f) for f in LAUNCH_FILES}
+RESUMED.add(Case("8gpu_zero2.yaml", "finetune_sd.yaml", "bf16", 1, True))  # the diffusers family, resumed exactly
 
 
 def test_matrix_covers_every_pair_and_every_shipped_launch_file():
@@ -155,7 +173,8 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
         if a < b and valid({a: va, b: vb}):
             assert ((a, va), (b, vb)) in covered or ((b, vb), (a, va)) in covered, (a, va, b, vb)
     assert len(CASES) <= 12 and len(set(CASES)) == len(CASES)
-    assert {c.launch for c in RESUMED} == set(LAUNCH_FILES) and {c.config for c in RESUMED} == set(PIXEL_CONFIGS)
+    assert {c.launch for c in RESUMED} == set(LAUNCH_FILES) and {c.config for c in RESUMED if c in CASES} == \
+        set(PIXEL_CONFIGS)
     # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
     assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(PIXEL_CONFIGS)
     assert {c.config for c, _ in LATENT_CASES} == set(LATENT_CONFIGS) and LATENT_CONFIGS
@@ -229,26 +248,37 @@ def test_launch_matrix(case, shards, tmp_path):
 # --- the latent recipes: a VAE, latent shards precomputed under the same launcher, then training ------------------
 
 LATENT_SHRINK = ["data.resolution=32", "data.min_size=16", "data.num_workers=1", "data.shuffle_buffer=64",
-                 "data.epoch_samples=1000", "optim.batch_size=4", "optim.warmup_steps=2",
-                 "model.overrides.base_channels=16", "model.overrides.head_channels=16", "text_encoder.kind=openclip",
-                 "text_encoder.name=toy-clip", "text_encoder.config_file=launch/configs/clip/toy-clip.json"]
+                 "data.epoch_samples=1000", "optim.batch_size=4", "optim.warmup_steps=2", *TINY_SD_OVERRIDES,
+                 "text_encoder.kind=openclip", "text_encoder.name=toy-clip",
+                 "text_encoder.config_file=launch/configs/clip/toy-clip.json"]
 SHRINK["demo_latent.yaml"] = SHRINK["demo.yaml"]
 SHRINK["latent256.yaml"] = SHRINK["latent512.yaml"] = LATENT_SHRINK
+# Stable Diffusion fine-tuning from a tiny pipeline folder (its U-Net, VAE, text encoder and scheduler): diffusers' U-Net
+SHRINK["finetune_sd.yaml"] = [*LATENT_SHRINK[:7], "model.overrides.gradient_checkpointing=true"]
 # (case, data): "latents" = shards precomputed by `accelerate launch pipeline/precompute.py latents` with the same
 # launch file (--flip --text), "images" = live encoding. The 256 px recipe's own ZeRO-2 + bf16; ZeRO-3 for 512 px.
+# finetune_sd: the diffusers family under ZeRO-2 (bf16, EMA, precomputed latents and caption embeddings, resumed) and
+# ZeRO-3 (bf16, accumulation, live encoding through the pipeline's VAE and CLIP).
 LATENT_CASES = [(Case("8gpu_ddp.yaml", "demo_latent.yaml", "no", 2, True), "latents"),
                 (Case("8gpu_zero2.yaml", "latent256.yaml", "bf16", 1, True), "images"),
-                (Case("8gpu_zero3.yaml", "latent512.yaml", "bf16", 1, False), "latents")]
+                (Case("8gpu_zero3.yaml", "latent512.yaml", "bf16", 1, False), "latents"),
+                (Case("8gpu_zero2.yaml", "finetune_sd.yaml", "bf16", 1, True), "latents"),
+                (Case("8gpu_zero3.yaml", "finetune_sd.yaml", "bf16", 2, False), "images")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case,data", LATENT_CASES, ids=[f"{c.id}-{d}" for c, d in LATENT_CASES])
 def test_latent_recipes(case, data, shards, tmp_path):
-    from helpers import make_vae
+    from helpers import make_sd, make_vae
 
-    vae = make_vae(tmp_path / "vae")
     cfg = ["--config", f"launch/configs/{case.config}"]
-    common = merged(f"data.shards={shards}", *SHRINK[case.config], f"autoencoder.path={vae}")
+    if case.config == "finetune_sd.yaml":
+        sd = make_sd(tmp_path / "sd")
+        vae, source = sd / "vae", f"model.pretrained={sd}"
+    else:
+        vae = make_vae(tmp_path / "vae")
+        source = f"autoencoder.path={vae}"
+    common = merged(f"data.shards={shards}", *SHRINK[case.config], source)
     if data == "latents":
         latents = tmp_path / "latents"
         res = accelerate_launch("8gpu_ddp.yaml", ROOT / "pipeline" / "precompute.py",
@@ -264,6 +294,14 @@ def test_latent_recipes(case, data, shards, tmp_path):
     check_run(run, case, 2, log)
     assert f"{'latent' if data == 'latents' else 'image'} shards; latent space of {vae}" in log
     assert (run / "model" / "vae" / "config.json").is_file()
+    if case.config == "finetune_sd.yaml":
+        assert json.loads((run / "model" / "config.json").read_text())["model_family"] == "diffusers"
+        assert "U-Net weights from" in log
+    if case in RESUMED:
+        res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "3", "--resume",
+                                                                             "latest"])
+        assert "resumed from" in res.stdout + res.stderr
+        check_run(run, case, 3, res.stdout + res.stderr)
 
 
 # --- fault injection: the NaN guard --------------------------------------------------------------------------------
@@ -386,9 +424,23 @@ def refused(file: str, shards, tmp_path, *overrides, nproc=1) -> str:
 
 
 @pytest.mark.slow
+def test_deepspeed_fp16_runs_where_supported_and_is_refused_elsewhere(shards, tmp_path):
+    """The job decides by DeepSpeed's own capability check (its CPU accelerator has fp16 on CPUs with AVX-512 FP16):
+    where it says yes, ZeRO-2 trains in fp16 (its loss scaler may skip a first step); elsewhere one clear line."""
+    if not DS_FP16:
+        log = refused("8gpu_zero2.yaml", shards, tmp_path / "fp16", "optim.mixed_precision=fp16")
+        assert "error: DeepSpeed has no fp16 on this device" in log and 'train.py", line' not in log  # no crash
+        return
+    case = Case("8gpu_zero2.yaml", "demo.yaml", "fp16", 1, True)
+    run = tmp_path / "run"
+    res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [
+        "--config", "launch/configs/demo.yaml", "--output-dir", str(run), "--max-steps", "2", *merged(
+            f"data.shards={shards}", *SHRINK["demo.yaml"], *COMMON, "optim.mixed_precision=fp16")])
+    check_run(run, case, 2, res.stdout + res.stderr)
+
+
+@pytest.mark.slow
 def test_incompatible_launches_are_refused_with_a_clear_message(shards, tmp_path):
-    log = refused("8gpu_zero2.yaml", shards, tmp_path / "fp16", "optim.mixed_precision=fp16")
-    assert "error: DeepSpeed has no fp16 on this device" in log and 'train.py", line' not in log  # no crash in the job
     log = refused("8gpu_zero2.yaml", shards, tmp_path / "compile", "train.compile=true")
     assert "error: train.compile=true is not supported under DeepSpeed" in log and 'train.py", line' not in log
     # an explicit DeepSpeed batch size that contradicts optim.batch_size

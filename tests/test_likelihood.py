@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import threads
 from diffusion import DiffusionConfig, GaussianDiffusion
 from diffusion.analytic import GaussianMixtureModel
 from diffusion.likelihood import _log_bin_probability, elbo, ode_log_likelihood, strata
@@ -275,7 +276,8 @@ def test_nll_of_an_image_folder_with_captions(demo):
 def test_nll_same_with_two_processes(demo):
     args = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "5", "--batch-size", "2",
             "--elbo-timesteps", "6"]
-    one = _nll(*args)
+    with threads(1):  # the kernels each of the two processes runs (OMP_NUM_THREADS=1)
+        one = _nll(*args)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "pipeline/evaluate.py", "nll", *args, "--json"], cwd=ROOT, env=env, capture_output=True,

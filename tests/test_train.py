@@ -145,7 +145,7 @@ def test_gradient_accumulation(shards, tmp_path):
     state = json.loads((run / "checkpoints" / "step_00000003" / "train_state.json").read_text())
     assert state["seen"] == 3 * 2 * 8  # two micro-batches of 8 per optimiser step
     assert json.loads((run / "checkpoints" / "step_00000003" / "data" / "rank0.json").read_text())["delivered"] == 6
-    raw, init = weights(run / "model" / "unet.safetensors"), train.UNet(train.model_config("tiny", context_dim=64,
+    raw, init = weights(run / "model" / "unet.safetensors"), train.build(train.model_config("tiny", context_dim=64,
                                                                                          pooled_dim=64)).state_dict()
     assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the optimiser stepped
 

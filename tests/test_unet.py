@@ -208,7 +208,7 @@ def test_bad_resolution_says_what_is_expected():
 
 
 def test_unknown_size_and_keys():
-    with pytest.raises(ValueError, match="unknown model size 'huge'; allowed values: tiny, small, base, sd, large"):
+    with pytest.raises(ValueError, match="unknown model size .huge.; allowed values: tiny, small, base, large, sd, sd2"):
         build_model("huge")
     with pytest.raises(ValueError, match="unknown U-Net config keys"):
         model_config("tiny", depth=3)
