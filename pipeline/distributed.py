@@ -102,6 +102,26 @@ def check_launch(cfg, accelerator, model: torch.nn.Module):
 
 
 @contextlib.contextmanager
+def frozen_parts(accelerator):
+    """Where the frozen text encoder and VAE are built: outside ZeRO-3's partitioned initialisation. Under ZeRO-3
+    Accelerate registers its DeepSpeed config with transformers, whose from_pretrained then builds models inside
+    deepspeed.zero.Init: a CLIP text model would be sharded across the ranks (empty weights on each) although it
+    never enters the engine (diffusers #1865). Accelerate's own zero3_init_context_manager(enable=False) re-registers
+    the same config, so the registration itself is lifted here and restored after."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or zero_stage(accelerator) != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+@contextlib.contextmanager
 def full_weights(accelerator, model: torch.nn.Module):
     """Collective under ZeRO-3: every rank sees the whole (gathered) parameters inside; elsewhere a no-op."""
     if zero_stage(accelerator) == 3:

@@ -345,11 +345,12 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
                         pin_memory=device.type == "cuda")
         set_seed(cfg.train.seed)  # the same initial weights on every rank
-        text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+        with dist.frozen_parts(accelerator):  # frozen: outside the optimiser, DDP and ZeRO
+            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+            vae = load_autoencoder(cfg.autoencoder, device)
         encoder = CachedTextEncoder(text_encoder) if cfg.text_encoder.cache else text_encoder
         if cfg.text_encoder.cache:
             encoder.load(cfg.text_encoder.cache)
-        vae = load_autoencoder(cfg.autoencoder, device)  # frozen: outside the optimiser, DDP and ZeRO
         unet_cfg = network_config(cfg, text_encoder, vae)
         latent_geometry(unet_cfg, vae, cfg.data.resolution)
         empty = None  # the "" embedding, when the shards store caption embeddings of this text encoder

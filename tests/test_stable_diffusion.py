@@ -369,3 +369,41 @@ def test_diffusers_unet_backends_agree_and_xformers_off_cuda_is_refused():
     unet.cfg.attention_backend, unet._backend = "xformers", None
     with pytest.raises(RuntimeError, match="xformers"):
         unet(x, t, cond)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from models.registry import build_model
+
+    torch.manual_seed(0)
+    plain = build_model("sd", **tiny_unet_config())
+    ckpt = build_model("sd", **tiny_unet_config(), gradient_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.unet.is_gradient_checkpointing and not plain.unet.is_gradient_checkpointing
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 700])
+    cond = {"tokens": torch.randn(2, 77, 32)}
+    grads = []
+    for m in (plain, ckpt):
+        m.train()
+        m(x, t, cond).square().mean().backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    same(grads[0], grads[1], tol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluation_and_likelihood_of_a_stable_diffusion_run(sd, shards, tmp_path):
+    """The evaluation job (Fréchet distance on CLIP features, CLIP score, precision/recall, bits/dim by the ODE and the
+    ELBO) runs on a model of the diffusers family in latent space."""
+    from pipeline import evaluate
+
+    run = tmp_path / "run"
+    train.main(args(run, sd, shards, "--max-steps", "1"))
+    result = evaluate.main([
+        "run", "--model", str(run / "model"), "--captions", shards, "--num-images", "5", "--guidance", "1", "3",
+        "--ref", shards, "--fd-features", "clip", "--clip-model", "openclip:toy-clip", "--clip-config",
+        str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "2", "--out", str(tmp_path / "eval"),
+        "--batch-size", "5", "--likelihood", "2", "--elbo-timesteps", "2", "--rtol", "1e-2", "--atol", "1e-2", "--json"])
+    assert [r["guidance"] for r in result["results"]] == [1.0, 3.0]
+    assert all(np.isfinite(r["fd_clip"]) and np.isfinite(r["clip_score"]) for r in result["results"])
+    nll = result["likelihood"]
+    assert nll["num_images"] == 2 and "latents of the VAE" in nll["space"]
+    assert np.isfinite(nll["bits_per_dim"]) and np.isfinite(nll["elbo_bits_per_dim"])

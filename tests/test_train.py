@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.write_shards import write_toy
+from helpers import TINY_SD_OVERRIDES
 from pipeline import train
 from pipeline.checkpoint import list_checkpoints, load_exported
 from pipeline.config import ConfigError, TrainConfig, load_config
@@ -37,6 +38,11 @@ def small(shards, run_dir, *extra):
     given = {e.split("=", 1)[0] for e in extra}  # a key in extra replaces its default (a repeated key is an error)
     return ["--config", DEMO, "--output-dir", str(run_dir), *[b for b in base if b.split("=", 1)[0] not in given],
             *extra]
+
+
+# The two U-Net families: the own U-Net (the demo's tiny size) and diffusers' UNet2DConditionModel (Stable
+# Diffusion's shape, shrunk), in pixel space: what works for one must work for the other.
+FAMILIES = {"unet": [], "diffusers": ["model.size=sd", *TINY_SD_OVERRIDES]}
 
 
 def weights(path):
@@ -115,11 +121,13 @@ def test_short_run_lowers_loss_exports_and_logs(shards, tmp_path):
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
 
 
-def test_resume_is_exact(shards, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_resume_is_exact(family, shards, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train.main(small(shards, straight, "--max-steps", "12"))
-    train.main(small(shards, split, "--max-steps", "6", "checkpoint.every=6"))
-    train.main(small(shards, split, "--max-steps", "12", "--resume", "latest", "checkpoint.every=6"))
+    fam = FAMILIES[family]
+    train.main(small(shards, straight, "--max-steps", "12", *fam))
+    train.main(small(shards, split, "--max-steps", "6", "checkpoint.every=6", *fam))
+    train.main(small(shards, split, "--max-steps", "12", "--resume", "latest", "checkpoint.every=6", *fam))
     a, b = straight / "checkpoints" / "step_00000012", split / "checkpoints" / "step_00000012"
     assert_same(weights(a / "model.safetensors"), weights(b / "model.safetensors"), tol=0.0)
     assert_same(weights(a / "ema.safetensors"), weights(b / "ema.safetensors"), tol=0.0)
@@ -233,10 +241,11 @@ def _nan_losses(monkeypatch, bad_steps):
     monkeypatch.setattr(GaussianDiffusion, "training_losses", patched)
 
 
-def test_nan_guard_skips_then_stops(shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_nan_guard_skips_then_stops(family, shards, tmp_path, monkeypatch):
     _nan_losses(monkeypatch, {2, 3})
     run = tmp_path / "skips"
-    train.main(small(shards, run, "--max-steps", "6"))
+    train.main(small(shards, run, "--max-steps", "6", *FAMILIES[family]))
     state = json.loads((run / "checkpoints" / "step_00000006" / "train_state.json").read_text())
     assert state["nan_skips"] == 2
     assert all(torch.isfinite(v).all() for v in weights(run / "model" / "unet.safetensors").values())
@@ -428,7 +437,8 @@ def test_precomputed_caption_embeddings_skip_the_encoder(shards, tmp_path, monke
     assert state["dropped"] > 0  # caption dropout still happens with cached embeddings
 
 
-def test_compiled_training_follows_eager_and_keeps_checkpoint_keys(shards, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_compiled_training_follows_eager_and_keeps_checkpoint_keys(family, shards, tmp_path):
     """train.compile=true: inductor-compiled steps give eager's losses and weights (to float reassociation), and the
     checkpoints and export have the plain keys (no `_orig_mod.`), so they load into an uncompiled U-Net."""
     from torch._dynamo.utils import counters
@@ -438,7 +448,8 @@ def test_compiled_training_follows_eager_and_keeps_checkpoint_keys(shards, tmp_p
         run = tmp_path / ("compiled" if compiled else "eager")
         torch._dynamo.reset()
         counters.clear()
-        train.main(small(shards, run, "--max-steps", "4", f"train.compile={str(compiled).lower()}", "optim.lr=1e-3"))
+        train.main(small(shards, run, "--max-steps", "4", f"train.compile={str(compiled).lower()}", "optim.lr=1e-3",
+                         *FAMILIES[family]))
         assert (counters["stats"]["unique_graphs"] > 0) == compiled  # the compiled run really ran compiled code
         runs[compiled] = run
     losses = [[json.loads(line)["loss"] for line in (r / "metrics.jsonl").read_text().splitlines()] for r in runs.values()]
