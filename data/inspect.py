@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .images import BadSample
-from .loader import DataConfig, ShardStream, read_shard, resolve_shards
+from .loader import DataConfig, SampleTransform, read_shard, resolve_shards
 
 
 def _stats(values) -> dict:
@@ -29,19 +29,19 @@ def _stats(values) -> dict:
 
 
 def inspect(shards, resolution: int = 64, caption_keys=None, progress: bool = False) -> dict:
-    """One pass over every shard, in order; each sample goes through ``ShardStream.process``, like in training."""
+    """One pass over every shard, in order; each sample goes through the training loader's transform."""
     cfg = DataConfig(shards=shards, resolution=resolution, shuffle_buffer=0)
     if caption_keys:
         cfg.caption_keys = list(caption_keys)
     urls = resolve_shards(shards)
-    stream = ShardStream(cfg, urls, batch_size=1, rank=0, world_size=1, starts={})
+    transform = SampleTransform(cfg)
     skipped: Counter = Counter()
     words, chars, widths, heights = [], [], [], []
     samples = 0
     for url in tqdm(urls, desc="shards", disable=not progress):
         for raw in read_shard(url, skipped):
             try:
-                _, caption, _, (w, h), _ = stream.process(raw, epoch=0)
+                _, caption, _, (w, h), _ = transform(raw, epoch=0)
             except BadSample as bad:
                 skipped[bad.reason] += 1
                 continue

@@ -1,20 +1,28 @@
-"""WebDataset loading for many ranks and workers, with an exact, resumable epoch and bad-sample skipping.
+"""WebDataset loading for many ranks and workers: exact, resumable epochs that continue on any number of processes,
+remote shards that retry, bad samples skipped and counted.
 
 Shards are tar files in img2dataset's layout (``key.jpg|png|webp``, ``key.txt``, ``key.json``), read with the
-webdataset library (brace patterns, local paths, ``pipe:`` and http URLs). Two modes:
+webdataset library's tar reader (brace patterns, local paths, ``pipe:`` and http(s) URLs; remote reads resume after
+faults, ``data.remote``).
 
-* ``exact`` — every sample once per epoch. The shard list is permuted from (seed, epoch), dealt to ranks
-  (``shards[rank::world]``) and then to DataLoader workers. Each worker reads its shards through a shuffle buffer
-  whose RNG is seeded by (seed, epoch, rank, worker), so its order is a pure function of those numbers. Every batch
-  carries its worker's position (epoch, raw samples consumed); restoring a position replays that worker's tar
-  stream *without decoding* up to it and goes on with exactly the samples not yet seen, in the same order.
-* ``resampled`` — shards drawn with replacement, an endless stream for training at scale; ``epoch_samples`` is the
-  nominal epoch length over all ranks (used for the per-sample epoch tag). On restore each worker continues
-  with a fresh stream (resampling has no position to replay).
+**Canonical streams** (the idea of mosaicml streaming's canonical nodes). The data are read by a fixed number S of
+streams (``data.streams``; by default the first run's processes × workers, kept for the run's life). In an exact
+epoch the shard list is permuted from (seed, epoch) and stream s reads shards ``order[s::S]`` through a shuffle
+buffer seeded by (seed, epoch, s): its sample sequence is a pure function of those numbers. Every optimiser step
+takes the same number q of samples from every stream: the step's global batch of G = batch × processes ×
+accumulation samples is streams 0..S−1's next q samples, stream-major, and sample i of stream s in step k has the
+global index k·G + s·q + i. Rank r owns the streams r·S/W … (r+1)·S/W − 1 (its slice of the global batch), its
+DataLoader workers split those. So the sequence of global batches does not depend on the number of processes or
+workers: a run stopped on 2 processes continues on 1 (or 4) with the same global batch from each stream's saved
+position (epoch, raw samples consumed), replaying the stream's tar reads *without decoding* up to it. What cannot be
+honoured (a global batch that S does not divide, S not divisible by the processes) is refused before the first step.
 
-The stream is endless in both modes (epoch after epoch), so ranks never run out at different times and a
-step-based training loop never hangs on an uneven last batch. Broken samples are skipped and counted by reason;
-the run stops with :class:`DataError` only when nothing can be read or too large a fraction fails.
+``resampled`` mode: the streams draw shards with replacement, endless; ``epoch_samples`` is the nominal epoch length
+over all streams. On restore each stream starts fresh draws (resampling has no position to replay).
+
+The stream is endless in both modes (epoch after epoch), so ranks never run out at different times and a step-based
+training loop never hangs on an uneven last batch. Broken samples are skipped and counted by reason; the run stops
+with :class:`DataError` only when nothing can be read or too large a fraction fails.
 
 Latent shards (``pipeline/precompute.py latents``, see ``data.latents``) are read the same way: batches then carry
 ``latents`` (and, when stored, the caption embeddings) instead of images; a latent of the wrong shape or with
@@ -26,6 +34,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import random
 import zlib
@@ -36,16 +45,17 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import latents as latent_shards
 from .images import FILTERS, BadSample, decode_image, image_keys, resize_crop
+from .remote import RemoteShardError, open_shard
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = image_keys()
 FILTERED = ("too_small", "bad_aspect", "empty_caption")  # skipped on purpose: do not count as failures
 MIN_SAMPLES_FOR_FRACTION = 100  # judge the failed fraction only once this many samples were tried
+STATE_VERSION = 2
 
 
 class DataError(RuntimeError):
@@ -64,7 +74,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flip (mind captions that say "left"/"right")
     resize_filter: str = "bicubic"  # lanczos | bicubic | bilinear | box (PIL's anti-aliased filters)
     jpeg_draft: bool = True  # let the JPEG decoder downscale big photos by 2^k first (stays ≥ 2× the target)
-    shuffle_buffer: int = 1000  # samples held per worker for shuffling (0 = shard order)
+    shuffle_buffer: int = 1000  # samples held per stream for shuffling (0 = shard order)
     caption_keys: list[str] = field(default_factory=lambda: ["txt", "json.caption"])  # first one present wins
     drop_empty_captions: bool = False  # otherwise "" is kept (it is the unconditional caption anyway)
     min_size: int = 0  # drop images whose shorter side is below this (0 = keep all)
@@ -72,6 +82,12 @@ class DataConfig:
     max_bad_fraction: float = 0.2  # stop when more than this fraction of tried samples is broken
     latent_manifest: str | None = None  # latent shards behind URLs: a local copy of their manifest.json
     num_workers: int = 2  # DataLoader worker processes per rank
+    # Canonical streams reading the shards (see the module docstring); 0 = processes × workers of the run's first
+    # start (the largest such count the global batch divides), then kept: a resumed run reads the same sequence on
+    # any number of processes.
+    streams: int = 0
+    retries: int = 5  # http(s) and pipe: shards: attempts after a transient failure before skipping the shard's rest
+    retry_delay: float = 1.0  # seconds before the first retry, doubled after each (at most 60)
     seed: int = 0
 
     def validate(self):
@@ -83,10 +99,14 @@ class DataConfig:
             raise ValueError(f"data.crop must be 'center' or 'random', got {self.crop!r}")
         if self.resize_filter not in FILTERS:
             raise ValueError(f"data.resize_filter must be one of {sorted(FILTERS)}, got {self.resize_filter!r}")
-        if self.resolution < 1 or self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("data.resolution must be ≥ 1, data.num_workers and data.shuffle_buffer ≥ 0")
+        if self.resolution < 1 or self.num_workers < 0 or self.shuffle_buffer < 0 or self.streams < 0:
+            raise ValueError("data.resolution must be ≥ 1, data.num_workers, data.shuffle_buffer and data.streams ≥ 0")
         if not 0 < self.max_bad_fraction <= 1:
             raise ValueError(f"data.max_bad_fraction must be in (0, 1], got {self.max_bad_fraction}")
+        if not 0 <= self.retries <= 100:
+            raise ValueError(f"data.retries must be in [0, 100], got {self.retries}")
+        if not 0 <= self.retry_delay <= 600:
+            raise ValueError(f"data.retry_delay must be in [0, 600] seconds, got {self.retry_delay}")
 
 
 def _is_url(s: str) -> bool:
@@ -120,6 +140,8 @@ def resolve_shards(spec: str | list[str]) -> list[str]:
 
 
 def _tar_error_reason(exn: Exception) -> str:
+    if isinstance(exn, RemoteShardError):
+        return "remote_shard_failed"
     if isinstance(exn, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return "unreadable_shard"
     if isinstance(exn, ValueError) and "duplicate" in str(exn):
@@ -127,9 +149,9 @@ def _tar_error_reason(exn: Exception) -> str:
     return "truncated_tar"  # tarfile.ReadError / EOFError / a short read: the shard ends early
 
 
-def read_shard(url: str, counts: Counter):
-    """Yield the raw samples ({"__key__", "__url__", ext: bytes}) of one shard. An unreadable shard or a truncated
-    tar is counted once (by reason) and the samples read before the damage are kept."""
+def read_shard(url: str, counts: Counter, retries: int = 5, retry_delay: float = 1.0):
+    """Yield the raw samples ({"__key__", "__url__", ext: bytes}) of one shard. An unreadable shard, a truncated tar or
+    a remote shard whose retries ran out is counted once (by reason) and the samples read before are kept."""
     failed = []
 
     def handler(exn: Exception) -> bool:
@@ -140,9 +162,9 @@ def read_shard(url: str, counts: Counter):
         return True  # go on with what can still be read
 
     try:
-        stream = gopen(url)
+        stream = open_shard(url, retries, retry_delay, counts)
     except Exception as exn:  # noqa: BLE001 — any failure to open is an unreadable shard
-        counts["unreadable_shard"] += 1
+        counts["remote_shard_failed" if isinstance(exn, RemoteShardError) else "unreadable_shard"] += 1
         log.warning("shard %s cannot be opened (%s); skipping it", url, exn)
         return
 
@@ -157,7 +179,10 @@ def read_shard(url: str, counts: Counter):
     try:
         yield from group_by_keys(files(), handler=handler)
     finally:
-        stream.close()
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001 — a pipe that failed says so at close: already counted
+            pass
 
 
 def caption_of(raw: dict, keys: list[str]) -> str:
@@ -191,84 +216,22 @@ def read_captions(spec, keys: list[str], skipped: Counter):
                 skipped[bad.reason] += 1
 
 
-class ShardStream(IterableDataset):
-    """The per-worker stream of ready batches (see the module docstring). Each item is a dict:
-    images (B, R, R, 3) uint8, captions [str], keys [str], epochs [int], sizes (B, 2) original (w, h),
-    and ``position`` = {worker, epoch, consumed, counts, tried}: where this worker is after the batch."""
+class SampleTransform:
+    """raw sample → what training takes: the decode, filters, resize and crop of image shards, or the stored latent
+    (and caption embedding) of latent shards. Shared by the loader, the latent precompute and data.inspect."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
-                 starts: dict[int, tuple[int, int]], worker_offset: int = 0, resume_round: int = 0,
-                 manifest: dict | None = None):
-        self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
-        self.manifest = manifest  # a latent manifest: the shards hold latents, not images
-        self.rank, self.world_size = rank, world_size
-        self.starts = starts  # logical worker → (epoch, raw samples consumed in it)
-        self.worker_offset = worker_offset  # DataLoader worker i plays logical worker (i + offset) % W
-        self.resume_round = resume_round
+    def __init__(self, cfg: DataConfig, manifest: dict | None = None):
+        self.cfg, self.manifest = cfg, manifest
 
-    # -- raw sample streams ------------------------------------------------------------------------------------
-    def _shuffled(self, samples, *seed):
-        if self.cfg.shuffle_buffer <= 1:
-            return samples
-        rng = random.Random(hash_seed(self.cfg.seed, *seed))
-        return wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(samples)
-
-    def epoch_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        """The shards a (rank, worker) reads in an exact epoch: a permutation of all shards by (seed, epoch)."""
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.urls))
-        mine = order[self.rank::self.world_size][worker::num_workers]
-        return [self.urls[i] for i in mine]
-
-    def _exact_raw(self, worker, num_workers, counts):
-        epoch, skip = self.starts.get(worker, (0, 0))
-        while True:
-            shards = self.epoch_shards(epoch, worker, num_workers)
-            raw = (s for url in shards for s in read_shard(url, counts))
-            n = 0
-            for n, sample in enumerate(self._shuffled(raw, epoch, self.rank, worker), start=1):
-                if n > skip:
-                    yield epoch, n, sample
-            if n == 0:
-                raise DataError(f"rank {self.rank} worker {worker}: no sample could be read from its shards "
-                                f"{shards} in epoch {epoch} (skipped so far: {dict(counts)})")
-            epoch, skip = epoch + 1, 0
-
-    def _resampled_raw(self, worker, num_workers, counts):
-        epoch, consumed = self.starts.get(worker, (0, 0))
-        readers = self.world_size * num_workers
-        reader = self.rank * num_workers + worker
-        quota = self.cfg.epoch_samples // readers + (reader < self.cfg.epoch_samples % readers)
-        rng = random.Random(hash_seed(self.cfg.seed, self.rank, worker, self.resume_round))
-
-        def raw():
-            empty_in_a_row = 0
-            while True:
-                url = rng.choice(self.urls)
-                got = False
-                for s in read_shard(url, counts):
-                    got = True
-                    yield s
-                empty_in_a_row = 0 if got else empty_in_a_row + 1
-                if empty_in_a_row >= 2 * len(self.urls) + 2:
-                    raise DataError(f"rank {self.rank} worker {worker}: {empty_in_a_row} shards in a row gave no "
-                                    f"sample (skipped so far: {dict(counts)})")
-
-        for sample in self._shuffled(raw(), self.rank, worker, self.resume_round):
-            consumed += 1
-            if consumed > quota:
-                epoch, consumed = epoch + 1, 1
-            yield epoch, consumed, sample
-
-    # -- decoding and batching ---------------------------------------------------------------------------------
-    def process(self, raw: dict, epoch: int, box: list | None = None):
-        """raw sample → (image uint8 (R, R, 3) or latent (C, h, w), caption, key, (w, h), text embedding or None);
-        raises BadSample. ``box`` receives the crop's [top, left]."""
+    def __call__(self, raw: dict, epoch: int, box: list | None = None):
+        """→ (image uint8 (R, R, 3) or latent (C, h, w), caption, key, (w, h), text embedding or None); raises
+        BadSample. ``box`` receives the crop's [top, left]."""
         cfg = self.cfg
         caption = caption_of(raw, ["txt"] if self.manifest is not None else cfg.caption_keys)  # precompute writes txt
         if not caption and cfg.drop_empty_captions:
             raise BadSample("empty_caption")
         if self.manifest is not None:
-            return self.process_latent(raw, epoch, caption)
+            return self.latent(raw, epoch, caption)
         if "latent.npy" in raw:
             raise DataError(f"{raw.get('__url__')} holds latents, but no manifest.json was found beside the first "
                             f"shard: keep the precompute's manifest.json with its shards, or name a local copy with "
@@ -288,7 +251,7 @@ class ShardStream(IterableDataset):
         arr = resize_crop(img, cfg.resolution, cfg.crop, cfg.flip, rng, cfg.resize_filter, box)
         return arr, caption, raw["__key__"], size, None
 
-    def process_latent(self, raw: dict, epoch: int, caption: str):
+    def latent(self, raw: dict, epoch: int, caption: str):
         """A latent-shard sample: the stored latent (the mirrored one half of the time with data.flip, chosen as
         the image path chooses), checked for shape and finiteness."""
         name = "latent.npy"
@@ -306,41 +269,156 @@ class ShardStream(IterableDataset):
             raise BadSample("missing_text_embedding")
         return z, caption, raw["__key__"], size, text
 
-    def __iter__(self):
-        info = get_worker_info()
-        slot, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        worker = (slot + self.worker_offset) % num_workers
-        counts: Counter = Counter()
-        tried = failed = 0
-        stream = self._exact_raw if self.cfg.mode == "exact" else self._resampled_raw
-        items = []
-        for epoch, consumed, raw in stream(worker, num_workers, counts):
-            tried += 1
-            try:
-                items.append((*self.process(raw, epoch), epoch))
-            except BadSample as bad:
-                counts[bad.reason] += 1
-                failed += bad.reason not in FILTERED
-                if tried >= MIN_SAMPLES_FOR_FRACTION and failed / tried > self.cfg.max_bad_fraction:
-                    raise DataError(
-                        f"rank {self.rank} worker {worker}: {failed} of {tried} samples failed ({dict(counts)}), "
-                        f"above data.max_bad_fraction={self.cfg.max_bad_fraction}. Inspect the shards with "
-                        f"`python -m data.inspect SHARDS`, or raise the limit.") from None
-                continue
-            if len(items) == self.batch_size:
-                xs, captions, keys, sizes, texts, epochs = zip(*items)
-                items = []
-                text = {k: np.stack([t[k] for t in texts]) for k in texts[0]} if texts[0] is not None else None
-                yield {"latents" if self.manifest is not None else "images": np.stack(xs), "text": text,
-                       "captions": list(captions), "keys": list(keys), "sizes": np.array(sizes), "epochs": list(epochs),
-                       "position": {"worker": worker, "epoch": epoch, "consumed": consumed,
-                                    "counts": dict(counts), "tried": tried}}
-
 
 def hash_seed(*parts: int) -> int:
     """A stable 63-bit seed from integers, the same in every process and interpreter."""
     return int.from_bytes(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32).tobytes(),
                           "little") >> 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a run's global batch is read: S streams, q samples from each per step, W ranks of S/W streams each."""
+
+    streams: int
+    per_stream: int  # q
+    world_size: int
+    grad_accum: int
+    batch_size: int  # per rank, per micro-step
+
+    @property
+    def global_batch(self) -> int:
+        return self.streams * self.per_stream
+
+    def rank_streams(self, rank: int) -> list[int]:
+        k = self.streams // self.world_size
+        return list(range(rank * k, (rank + 1) * k))
+
+    @classmethod
+    def plan(cls, streams: int, batch_size: int, world_size: int, grad_accum: int, workers: int) -> "Layout":
+        """The layout of a run (``streams`` 0: chosen from the processes and workers); ValueError if it cannot be."""
+        g = batch_size * world_size * grad_accum
+        if streams == 0:  # W × the most workers (up to num_workers) that a rank's share of the batch divides by
+            streams = world_size * math.gcd(max(workers, 1), batch_size * grad_accum)
+        if g % streams:
+            raise ValueError(f"the global batch of {g} samples (optim.batch_size {batch_size} × {world_size} processes "
+                             f"× grad_accum {grad_accum}) does not divide among the run's {streams} data streams: use "
+                             f"a global batch that is a multiple of {streams} (the streams are fixed for the run's "
+                             f"life, data.streams)")
+        if streams % world_size:
+            raise ValueError(f"the run's {streams} data streams do not divide among {world_size} processes: use a "
+                             f"number of processes that divides {streams} (or that {streams} is a multiple of)")
+        return cls(streams, g // streams, world_size, grad_accum, batch_size)
+
+
+class ShardStream(IterableDataset):
+    """One rank's streams, split over its DataLoader workers (worker w reads ``streams[w::workers]``). Each item is
+    one step's share of a worker: q samples of each of its streams, stream by stream, as a dict: images (n, R, R, 3)
+    uint8 (or latents), text, captions, keys, sizes (n, 2), epochs, ``streams`` (the stream of each sample),
+    ``positions`` {stream: (epoch, raw samples consumed)} after the item, and the streams' skip counts."""
+
+    def __init__(self, cfg: DataConfig, urls: list[str], streams: list[int], layout: Layout,
+                 starts: dict[int, tuple[int, int]], counts: dict[int, dict], resume_round: int = 0,
+                 manifest: dict | None = None):
+        self.cfg, self.urls, self.streams, self.layout = cfg, urls, streams, layout
+        self.starts, self.counts = starts, counts  # stream → (epoch, consumed); stream → skip counts so far
+        self.resume_round = resume_round
+        self.transform = SampleTransform(cfg, manifest)
+        self.manifest = manifest
+
+    # -- raw sample streams ------------------------------------------------------------------------------------
+    def _shuffled(self, samples, *seed):
+        if self.cfg.shuffle_buffer <= 1:
+            return samples
+        rng = random.Random(hash_seed(self.cfg.seed, *seed))
+        return wds.filters.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)(samples)
+
+    def epoch_shards(self, epoch: int, stream: int) -> list[str]:
+        """The shards stream ``stream`` reads in exact epoch ``epoch``: its share of a permutation by (seed, epoch)."""
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.urls))
+        return [self.urls[i] for i in order[stream::self.layout.streams]]
+
+    def _read(self, url, counts):
+        return read_shard(url, counts, self.cfg.retries, self.cfg.retry_delay)
+
+    def exact_raw(self, stream: int, counts: Counter):
+        """(epoch, raw samples consumed, raw sample) of a stream, from its saved position on."""
+        epoch, skip = self.starts.get(stream, (0, 0))
+        while True:
+            shards = self.epoch_shards(epoch, stream)
+            raw = (s for url in shards for s in self._read(url, counts))
+            n = 0
+            for n, sample in enumerate(self._shuffled(raw, epoch, stream), start=1):
+                if n > skip:
+                    yield epoch, n, sample
+            if n == 0:
+                raise DataError(f"data stream {stream}: no sample could be read from its shards {shards} in epoch "
+                                f"{epoch} (skipped so far: {dict(counts)})")
+            epoch, skip = epoch + 1, 0
+
+    def resampled_raw(self, stream: int, counts: Counter):
+        epoch, consumed = self.starts.get(stream, (0, 0))
+        total, s = self.cfg.epoch_samples, self.layout.streams
+        quota = total // s + (stream < total % s)
+        rng = random.Random(hash_seed(self.cfg.seed, stream, self.resume_round))
+
+        def raw():
+            empty_in_a_row = 0
+            while True:
+                got = False
+                for sample in self._read(rng.choice(self.urls), counts):
+                    got = True
+                    yield sample
+                empty_in_a_row = 0 if got else empty_in_a_row + 1
+                if empty_in_a_row >= 2 * len(self.urls) + 2:
+                    raise DataError(f"data stream {stream}: {empty_in_a_row} shards in a row gave no sample "
+                                    f"(skipped so far: {dict(counts)})")
+
+        for sample in self._shuffled(raw(), stream, self.resume_round):
+            consumed += 1
+            if consumed > quota:
+                epoch, consumed = epoch + 1, 1
+            yield epoch, consumed, sample
+
+    def samples(self, stream: int, counts: Counter, tally: list[int]):
+        """The usable samples of a stream: (processed sample, epoch, position after it); bad ones counted."""
+        raws = self.exact_raw if self.cfg.mode == "exact" else self.resampled_raw
+        for epoch, consumed, raw in raws(stream, counts):
+            tally[0] += 1
+            try:
+                yield self.transform(raw, epoch), epoch, (epoch, consumed)
+            except BadSample as bad:
+                counts[bad.reason] += 1
+                tally[1] += bad.reason not in FILTERED
+                tried, failed = tally
+                if tried >= MIN_SAMPLES_FOR_FRACTION and failed / tried > self.cfg.max_bad_fraction:
+                    raise DataError(
+                        f"data stream {stream}: {failed} of {tried} samples failed ({dict(counts)}), above "
+                        f"data.max_bad_fraction={self.cfg.max_bad_fraction}. Inspect the shards with "
+                        f"`python -m data.inspect SHARDS`, or raise the limit.") from None
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = self.streams[worker::num_workers]
+        counts = {s: Counter(self.counts.get(s, {})) for s in mine}
+        tally = [0, 0]  # samples tried, failed (this worker, for max_bad_fraction)
+        its = {s: self.samples(s, counts[s], tally) for s in mine}
+        positions = dict(self.starts)
+        q = self.layout.per_stream
+        while True:
+            items, streams = [], []
+            for s in mine:
+                for _ in range(q):
+                    sample, epoch, positions[s] = next(its[s])
+                    items.append((*sample, epoch))
+                    streams.append(s)
+            xs, captions, keys, sizes, texts, epochs = zip(*items)
+            text = {k: np.stack([t[k] for t in texts]) for k in texts[0]} if texts[0] is not None else None
+            yield {"latents" if self.manifest is not None else "images": np.stack(xs), "text": text,
+                   "captions": list(captions), "keys": list(keys), "sizes": np.array(sizes), "epochs": list(epochs),
+                   "streams": streams, "positions": {s: positions[s] for s in mine},
+                   "counts": {s: dict(counts[s]) for s in mine}}
 
 
 @dataclass
@@ -352,6 +430,7 @@ class Batch:
     sizes: torch.Tensor  # (B, 2) original (width, height)
     latents: torch.Tensor | None = None
     text: dict[str, torch.Tensor] | None = None  # stored caption embeddings (tokens, mask, pooled), when the shards have them
+    index: list[int] = field(default_factory=list)  # each sample's global index k·G + s·q + i (seeds its noise)
 
     def pixels(self, device=None, dtype=torch.float32) -> torch.Tensor:
         """The images as contiguous (B, 3, R, R) ``dtype`` in [-1, 1], converted on ``device``.
@@ -362,20 +441,32 @@ class Batch:
             .div_(127.5).sub_(1.0)
 
 
-class Loader:
-    """Batches of (images, captions, keys) for one rank, endless, with a position that can be saved and restored.
+def _cat(parts: list[dict], key: str):
+    if parts[0][key] is None:
+        return None
+    if isinstance(parts[0][key], dict):
+        return {k: torch.cat([torch.as_tensor(p[key][k]) for p in parts]) for k in parts[0][key]}
+    return torch.cat([torch.as_tensor(p[key]) for p in parts])
 
-    ``state_dict()`` after consuming k batches, passed to a new ``Loader(..., state=...)``, makes it yield exactly
-    batches k+1, k+2, … of the uninterrupted stream (exact mode). ``skipped`` counts skipped samples by reason.
+
+class Loader:
+    """Micro-batches of ``batch_size`` for one rank, endless, with a position that can be saved and restored on any
+    number of processes.
+
+    Each optimiser step reads one global batch (``grad_accum`` micro-batches per rank; see the module docstring).
+    ``state_dict()`` after k steps, merged over the ranks (``merge_states``) and passed to a new
+    ``Loader(..., state=...)`` on W' processes with the same global batch, makes the run continue with global batch
+    k+1 exactly (exact mode). ``skipped`` counts skipped samples by reason (and remote retries).
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int | None = None, world_size: int | None = None,
-                 state: dict | None = None, pin_memory: bool = False):
+                 state: dict | None = None, pin_memory: bool = False, grad_accum: int = 1):
         cfg.validate()
         if rank is None or world_size is None:
             dist = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank, world_size = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.grad_accum = grad_accum
         self.urls = resolve_shards(cfg.shards)
         self.manifest = latent_shards.find_manifest(self.urls, cfg.latent_manifest)  # None: image shards
         if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
@@ -383,69 +474,116 @@ class Loader:
                              f"data.flip=false, or precompute them again with --flip")
         if self.manifest is not None and cfg.crop == "random" and rank == 0:
             log.warning("data.crop=random on latent shards: each image keeps the one crop it was encoded with")
-        self.num_workers = max(cfg.num_workers, 1)  # logical workers; 0 DataLoader workers = one, in-process
-        if cfg.mode == "exact" and len(self.urls) < world_size * self.num_workers:
-            raise ValueError(
-                f"exact-epoch mode gives every (rank, worker) whole shards, so it needs at least world_size × "
-                f"num_workers = {world_size} × {self.num_workers} shards; found {len(self.urls)}. Write smaller "
-                f"shards (python -m data.write_shards ... --max-samples N), lower data.num_workers, or use "
-                f"data.mode=resampled.")
-        self.positions: dict[int, tuple[int, int]] = {}
-        self._skipped_base: Counter = Counter()
-        self._counts: dict[int, dict] = {}
-        self.delivered = 0  # batches handed out since the start of the run (restored ones included)
-        resume_round = 0
+        streams = cfg.streams
         if state is not None:
             self._check_state(state)
-            self.positions = {int(w): tuple(p) for w, p in state["positions"].items()}
-            self._skipped_base.update(state["skipped"])
-            self.delivered = state["delivered"]
-            resume_round = state.get("resume_round", 0) + 1
-        self.resume_round = resume_round
-        self.dataset = ShardStream(cfg, self.urls, batch_size, rank, world_size, dict(self.positions),
-                                   worker_offset=self.delivered % self.num_workers, resume_round=resume_round,
-                                   manifest=self.manifest)
+            streams = state["streams"]
+        self.layout = Layout.plan(streams, batch_size, world_size, grad_accum, cfg.num_workers)
+        mine = self.layout.rank_streams(rank)
+        if cfg.mode == "exact" and len(self.urls) < self.layout.streams:
+            raise ValueError(
+                f"exact-epoch mode gives every data stream whole shards, so it needs at least data.streams = "
+                f"{self.layout.streams} shards (processes × workers unless set); found {len(self.urls)}. Write smaller "
+                f"shards (python -m data.write_shards ... --max-samples N), lower data.num_workers or data.streams, "
+                f"or use data.mode=resampled.")
+        # DataLoader workers: as many as divide this rank's streams evenly (each yields one piece per step)
+        self.num_workers = math.gcd(cfg.num_workers, len(mine)) if cfg.num_workers else 0
+        if cfg.num_workers > self.num_workers and rank == 0:
+            log.info("data: %d of data.num_workers=%d DataLoader workers per process read its %d stream(s)",
+                     self.num_workers, cfg.num_workers, len(mine))
+        self.positions: dict[int, tuple[int, int]] = {}
+        self._counts: dict[int, dict] = {}
+        self.steps = 0  # global batches delivered since the start of the run (restored ones included)
+        self.resume_round = 0
+        if state is not None:
+            self.positions = {int(s): tuple(p) for s, p in state["positions"].items() if int(s) in mine}
+            self._counts = {int(s): dict(c) for s, c in state["skipped"].items() if int(s) in mine}
+            missing = [s for s in mine if s not in self.positions]
+            if missing and state["steps"]:
+                raise ValueError(f"the saved data position lacks streams {missing[:5]}: the checkpoint holds only some "
+                                 f"ranks' positions; resume from a complete checkpoint")
+            self.steps = state["steps"]
+            self.resume_round = state.get("resume_round", 0) + 1
+            if cfg.mode == "resampled" and state.get("world_size") not in (None, world_size) and rank == 0:
+                log.warning("resampled data on another number of processes: each stream starts fresh random draws")
+        self.dataset = ShardStream(cfg, self.urls, mine, self.layout, dict(self.positions), dict(self._counts),
+                                   resume_round=self.resume_round, manifest=self.manifest)
         self.pin_memory = pin_memory
 
     def _check_state(self, state: dict):
-        mine = {"mode": self.cfg.mode, "world_size": self.world_size, "rank": self.rank,
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "num_shards": len(self.urls)}
+        if state.get("version") != STATE_VERSION:
+            raise ValueError("the saved data position was written by an older version of the loader (per-rank "
+                             "streams): it cannot be continued exactly; start a new run, or resume with the version "
+                             "that wrote it")
+        g = self.batch_size * self.world_size * self.grad_accum
+        mine = {"mode": self.cfg.mode, "num_shards": len(self.urls), "global_batch": g}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
+        if self.cfg.streams and self.cfg.streams != state["streams"]:
+            diff["streams"] = (state["streams"], self.cfg.streams)
         if diff:
-            raise ValueError(f"the saved data position does not fit this run: {diff} (saved, now). Resume with the "
-                             f"same data config, number of processes and data.num_workers.")
+            raise ValueError(f"the saved data position does not fit this run: {diff} (saved, now). Resume with the same "
+                             f"data config and global batch (optim.batch_size × processes × optim.grad_accum = "
+                             f"{state.get('global_batch')}); the number of processes and workers may change.")
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        """One position from every rank's ``state_dict()`` (each holds its own streams)."""
+        first = states[0]
+        for st in states[1:]:
+            if st.get("steps") != first.get("steps") or st.get("streams") != first.get("streams"):
+                raise ValueError("the ranks' saved data positions disagree (a damaged checkpoint?)")
+        merged = {k: v for k, v in first.items() if k not in ("positions", "skipped", "rank")}
+        merged["positions"] = {s: p for st in states for s, p in st.get("positions", {}).items()}
+        merged["skipped"] = {s: c for st in states for s, c in st.get("skipped", {}).items()}
+        return merged
 
     def __iter__(self):
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=4 if self.cfg.num_workers else None)
-        for item in loader:
-            pos = item["position"]
-            self.positions[pos["worker"]] = (pos["epoch"], pos["consumed"])
-            self._counts[pos["worker"]] = pos["counts"]
-            self.delivered += 1
-            text = item["text"]
-            if "latents" in item:
-                yield Batch(None, item["captions"], item["keys"], item["epochs"], item["sizes"], item["latents"], text)
-            else:
-                images = item["images"].permute(0, 3, 1, 2)  # (B, R, R, 3) → (B, 3, R, R), still uint8
-                yield Batch(images, item["captions"], item["keys"], item["epochs"], item["sizes"], None, text)
+                            prefetch_factor=4 if self.num_workers else None)
+        pieces = iter(loader)
+        lay, b = self.layout, self.batch_size
+        first = self.rank * (lay.streams // lay.world_size) * lay.per_stream  # the rank's offset in a global batch
+        while True:
+            parts = [next(pieces) for _ in range(max(self.num_workers, 1))]  # one piece per worker: this step
+            for p in parts:
+                self.positions.update({int(s): tuple(pos) for s, pos in p["positions"].items()})
+                self._counts.update({int(s): c for s, c in p["counts"].items()})
+            # stream-major: sort the samples by stream (each worker's pieces are stream by stream already)
+            streams = [s for p in parts for s in p["streams"]]
+            order = torch.as_tensor(np.argsort(np.asarray(streams), kind="stable"))
+            key = "latents" if self.manifest is not None else "images"
+            data, text = _cat(parts, key)[order], _cat(parts, "text")
+            text = {k: v[order] for k, v in text.items()} if text is not None else None
+            listed = {k: [x for p in parts for x in p[k]] for k in ("captions", "keys", "epochs")}
+            listed = {k: [v[i] for i in order.tolist()] for k, v in listed.items()}
+            sizes = _cat(parts, "sizes")[order]
+            base = self.steps * lay.global_batch + first
+            self.steps += 1
+            for m in range(lay.grad_accum):
+                sl = slice(m * b, (m + 1) * b)
+                x = data[sl]
+                images = x.permute(0, 3, 1, 2) if key == "images" else None  # (B, R, R, 3) → (B, 3, R, R), uint8
+                yield Batch(images, listed["captions"][sl], listed["keys"][sl], listed["epochs"][sl], sizes[sl],
+                            x if key == "latents" else None, {k: v[sl] for k, v in text.items()} if text else None,
+                            list(range(base + m * b, base + (m + 1) * b)))
 
     @property
     def skipped(self) -> dict[str, int]:
-        total = Counter(self._skipped_base)
+        total = Counter()
         for counts in self._counts.values():
             total.update(counts)
         return dict(total)
 
     @property
     def epoch(self) -> int:
-        """The epoch the slowest worker is in (0 before any batch)."""
+        """The epoch the slowest of this rank's streams is in (0 before any batch)."""
         return min((e for e, _ in self.positions.values()), default=0)
 
     def state_dict(self) -> dict:
-        """JSON-serialisable position of this rank's stream."""
-        return {"version": 1, "mode": self.cfg.mode, "world_size": self.world_size, "rank": self.rank,
-                "num_workers": self.num_workers, "batch_size": self.batch_size, "num_shards": len(self.urls),
-                "delivered": self.delivered, "resume_round": self.resume_round,
-                "positions": {str(w): list(p) for w, p in self.positions.items()}, "skipped": self.skipped}
+        """JSON-serialisable position of this rank's streams (merge every rank's with ``merge_states``)."""
+        return {"version": STATE_VERSION, "mode": self.cfg.mode, "streams": self.layout.streams,
+                "global_batch": self.layout.global_batch, "num_shards": len(self.urls), "steps": self.steps,
+                "world_size": self.world_size, "rank": self.rank, "resume_round": self.resume_round,
+                "positions": {str(s): list(p) for s, p in self.positions.items()},
+                "skipped": {str(s): c for s, c in self._counts.items()}}

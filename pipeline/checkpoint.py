@@ -152,13 +152,14 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, ema, loader, train_s
     return final
 
 
-def load_data_state(path: Path, rank: int) -> dict:
-    """This rank's loader position in checkpoint ``path``."""
-    data_file = path / "data" / f"rank{rank}.json"
-    if not data_file.is_file():
-        raise FileNotFoundError(f"{path} has no data position for rank {rank}: it was saved by a run with fewer "
-                                f"processes; resume with the same number of processes")
-    return read_json(data_file)
+def load_data_state(path: Path) -> dict:
+    """The loader position in checkpoint ``path``: every rank's streams merged (any number of processes resumes)."""
+    from data.loader import Loader
+
+    files = sorted((path / "data").glob("rank*.json"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no data position (data/rank*.json): it is incomplete")
+    return Loader.merge_states([read_json(f) for f in files])
 
 
 def load_checkpoint(accelerator, path: Path, ema) -> dict:

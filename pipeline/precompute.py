@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import latents as latent_shards  # noqa: E402
-from data.loader import FILTERED, ShardStream, read_captions, read_shard, resolve_shards  # noqa: E402
+from data.loader import FILTERED, SampleTransform, read_captions, read_shard, resolve_shards  # noqa: E402
 from data.images import BadSample  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
@@ -74,7 +74,7 @@ class LatentWriter:
             from dataclasses import replace
 
             data = replace(data, flip=False)
-        self.stream = ShardStream(data, [], 1, 0, 1, {})  # only its per-sample transform is used
+        self.transform = SampleTransform(data)  # the training loader's per-sample transform
 
     def write_shard(self, url: str, out: Path) -> dict:
         import webdataset as wds
@@ -105,10 +105,10 @@ class LatentWriter:
                 written += len(batch)
                 batch.clear()
 
-            for raw in read_shard(url, counts):
+            for raw in read_shard(url, counts, self.cfg.data.retries, self.cfg.data.retry_delay):
                 box: list = []
                 try:
-                    arr, caption, key, size, _ = self.stream.process(raw, 0, box)
+                    arr, caption, key, size, _ = self.transform(raw, 0, box)
                 except BadSample as bad:
                     counts[bad.reason] += 1
                     continue

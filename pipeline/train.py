@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline/train.py` from a clone
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed  # noqa: E402
@@ -90,10 +91,21 @@ def lr_factor(step: int, warmup: int, max_steps: int, schedule: str, min_ratio: 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def drop_captions(captions: list[str], p: float, generator: torch.Generator) -> tuple[list[str], int]:
-    """Replace each caption by "" (the unconditional input) with probability ``p``; returns (captions, dropped)."""
-    drop = torch.rand(len(captions), generator=generator) < p
-    return ["" if d else c for c, d in zip(captions, drop.tolist())], int(drop.sum())
+def drop_captions(captions: list[str], index: list[int], p: float, seed: int) -> tuple[list[str], int]:
+    """Replace each caption by "" (the unconditional input) with probability ``p``, decided by the run's seed and the
+    sample's global index (the same on any number of processes); returns (captions, dropped)."""
+    drop = [np.random.default_rng([seed, g, 0]).random() < p for g in index]
+    return ["" if d else c for c, d in zip(captions, drop)], sum(drop)
+
+
+def sample_draws(diffusion, x0: torch.Tensor, index: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (B,), ε (B, ...)) of each sample from its own generator, seeded by the run's seed and the sample's global
+    index: a sample gets the same timestep and noise whatever the batch, rank or number of processes it lands in
+    (elastic resume continues the loss curve). Drawn on x0's device, in its dtype."""
+    gens = [torch.Generator(x0.device).manual_seed(hash_seed(seed, g, 1)) for g in index]
+    t = torch.cat([torch.randint(0, diffusion.num_steps, (1,), generator=g, device=x0.device) for g in gens])
+    noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype) for g in gens])
+    return t, noise
 
 
 def build_ema(model: torch.nn.Module, cfg):
@@ -317,6 +329,24 @@ def main(argv=None):
         raise
 
 
+def resolve_resume_once(accelerator, arg: str, ckpt_dir: Path) -> Path:
+    """The checkpoint to resume from, chosen (and its checksums verified) by the main process alone and broadcast: a
+    multi-GB ZeRO checkpoint is hashed once, not once per rank. An error there is every rank's error."""
+    from accelerate.utils import broadcast_object_list
+
+    answer = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [str(ckpt.resolve_resume(arg, ckpt_dir))]
+        except (FileNotFoundError, ValueError) as e:
+            answer = [e]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if isinstance(answer[0], Exception):
+        raise answer[0]
+    return Path(answer[0])
+
+
 def list_any(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
@@ -340,10 +370,14 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
 
     # Everything that can be wrong with the input is checked before the first step.
     try:
-        resume_from = ckpt.resolve_resume(args.resume, ckpt_dir) if args.resume else None
-        data_state = ckpt.load_data_state(resume_from, rank) if resume_from else None
+        resume_from = resolve_resume_once(accelerator, args.resume, ckpt_dir) if args.resume else None
+        data_state = ckpt.load_data_state(resume_from) if resume_from else None
+        if data_state is not None and data_state.get("world_size") != world and dist.zero_stage(accelerator):
+            raise ValueError(f"{resume_from} was saved by {data_state.get('world_size')} processes under DeepSpeed, "
+                             f"whose ZeRO states are sharded per process: resume it on {data_state.get('world_size')} "
+                             f"(a DDP run resumes on any number of processes with the same global batch)")
         loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", grad_accum=cfg.optim.grad_accum)
         set_seed(cfg.train.seed)  # the same initial weights on every rank
         with dist.frozen_parts(accelerator):  # frozen: outside the optimiser, DDP and ZeRO
             text_encoder = build_text_encoder(cfg.text_encoder).to(device)
@@ -428,22 +462,21 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
     while counts.step < cfg.train.max_steps:
         step = counts.step
         window_ok, bad_at = True, []  # every micro-step's loss finite on every rank; (micro-step, ranks) where not
+        step_dropped = 0  # captions this rank emptied in this step
         window_loss = torch.zeros((), device=device)
         for micro in range(o.grad_accum):
             t0 = time.perf_counter()
             batch = next(batches)
             wait_time += time.perf_counter() - t0
-            gen = torch.Generator().manual_seed(hash_seed(cfg.train.seed, rank, step, micro))  # exact on resume
-            captions, dropped = drop_captions(batch.captions, cfg.train.caption_dropout, gen)
-            counts.dropped += dropped
-            counts.seen += len(captions)
+            captions, dropped = drop_captions(batch.captions, batch.index, cfg.train.caption_dropout, cfg.train.seed)
+            step_dropped += dropped
             images_since += len(captions)
             cond = batch_cond(batch, captions, encoder, empty, device)
             x0 = batch_input(batch, vae, device)
-            noise_gen = torch.Generator(device).manual_seed(hash_seed(cfg.train.seed, rank, step, micro, 1))
+            t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed)
             with accelerator.accumulate(model):
                 with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
-                    loss = diffusion.training_losses(net, x0, cond, generator=noise_gen)["loss"].mean()
+                    loss = diffusion.training_losses(net, x0, cond, t=t, noise=noise)["loss"].mean()
                 finite, bad_ranks = dist.finite_everywhere(accelerator, loss)  # the one host sync per micro-step
                 if finite:
                     window_loss += loss.detach()
@@ -452,6 +485,9 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
                     bad_at.append((micro, bad_ranks))
                 backward(accelerator, loss, window_ok, under_deepspeed)
         stepped, norm = optimizer_step(accelerator, model, optimizer, window_ok, o.grad_clip, under_deepspeed)
+        # counted over the global batch (the same numbers on every rank, and after a resume on any number of them)
+        counts.dropped += int(accelerator.reduce(torch.tensor(step_dropped, device=device), "sum"))
+        counts.seen += loader.layout.global_batch
         if stepped:
             scheduler.step()  # ours alone (DeepSpeed's engine is given no scheduler): it follows the steps taken
             update_ema(ema, accelerator.unwrap_model(model), accelerator)

@@ -46,12 +46,12 @@ def _add(tar, name, data: bytes):
 
 
 def read_all(cfg, batch_size=1, **kw):
-    """Every sample of epoch 0 (and the loader), reading until every worker has moved past epoch 0."""
+    """Every sample of epoch 0 (and the loader), reading until every stream of the rank has moved past epoch 0."""
     loader = Loader(cfg, batch_size=batch_size, **kw)
     out = []
     for batch in loader:
         out += [(k, c, e) for k, c, e in zip(batch.keys, batch.captions, batch.epochs)]
-        if loader.positions and len(loader.positions) == loader.num_workers and loader.epoch >= 1:
+        if loader.positions and loader.epoch >= 1:
             break
     return [o for o in out if o[2] == 0], loader
 
@@ -218,8 +218,8 @@ def test_exact_epoch_reshuffles_each_epoch(toy_shards):
 
 def test_too_few_shards_for_exact_mode_is_a_clear_error(toy_shards):
     out, _ = toy_shards
-    with pytest.raises(ValueError, match="at least world_size"):
-        Loader(DataConfig(shards=str(out), num_workers=8), 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="needs at least data.streams = 16 shards"):
+        Loader(DataConfig(shards=str(out), num_workers=8), 8, rank=0, world_size=2)
 
 
 def test_resampled_epoch_length(toy_shards):
@@ -239,19 +239,85 @@ def test_resampled_epoch_length(toy_shards):
 def test_restore_mid_epoch_continues_exactly(toy_shards, workers, stop):
     out, _ = toy_shards
     cfg = DataConfig(shards=str(out), num_workers=workers, shuffle_buffer=16, resolution=8, crop="random", flip=True)
-    straight = Loader(cfg, 5)
+    straight = Loader(cfg, 4)
     it = iter(straight)
     reference = [next(it) for _ in range(30)]
-    first = Loader(cfg, 5)
+    first = Loader(cfg, 4)
     it = iter(first)
     head = [next(it) for _ in range(stop)]
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    it = iter(Loader(cfg, 5, state=state))
+    it = iter(Loader(cfg, 4, state=state))
     tail = [next(it) for _ in range(30 - stop)]
     for a, b in zip(reference, head + tail):
         assert a.keys == b.keys and torch.equal(a.images, b.images)
     seen = [k for b in head + tail for k, e in zip(b.keys, b.epochs) if e == 0]
     assert len(seen) == len(set(seen)) == 96  # the interrupted epoch is neither replayed nor cut short
+    assert [b.index for b in head + tail] == [list(range(4 * i, 4 * i + 4)) for i in range(30)]
+
+
+# --- elastic: the same global batches on any number of processes ---------------------------------------------------
+
+def global_batches(cfg, world: int, batch: int, accum: int, steps: int, states=None):
+    """The first ``steps`` global batches as W ranks see them, put together in rank order: per step, the keys,
+    the images and the global indices. ``states``: a merged checkpoint position to start from."""
+    loaders = [Loader(cfg, batch, rank=r, world_size=world, grad_accum=accum, state=states) for r in range(world)]
+    its = [iter(ld) for ld in loaders]
+    out = []
+    for _ in range(steps):
+        micro = [[next(it) for _ in range(accum)] for it in its]  # rank r's micro-batches of this step
+        parts = [b for rank in micro for b in rank]
+        out.append(([k for b in parts for k in b.keys], torch.cat([b.images for b in parts]),
+                    [g for b in parts for g in b.index], [e for b in parts for e in b.epochs]))
+    return out, loaders
+
+
+def test_global_batches_do_not_depend_on_processes_workers_or_accumulation(toy_shards):
+    """4 canonical streams, a global batch of 8: 1 process × 8, 2 × 4 with 2 workers, 4 × 2, 1 × 4 × 2 micro-steps
+    all read the same samples in the same order, each with the same global index."""
+    out, _ = toy_shards
+    cfg = lambda w: DataConfig(shards=str(out), num_workers=w, shuffle_buffer=8, resolution=8, streams=4)  # noqa: E731
+    reference, _ = global_batches(cfg(0), 1, 8, 1, 14)
+    for world, batch, accum, workers in [(2, 4, 1, 2), (4, 2, 1, 1), (1, 4, 2, 2)]:
+        got, _ = global_batches(cfg(workers), world, batch, accum, 14)
+        for (ka, xa, ia, _), (kb, xb, ib, _) in zip(reference, got):
+            assert ka == kb and torch.equal(xa, xb) and ia == ib, (world, batch, accum, workers)
+    assert [g for _, _, i, _ in reference for g in i] == list(range(14 * 8))
+    epoch0 = [k for keys, _, _, epochs in reference for k, e in zip(keys, epochs) if e == 0]
+    assert len(epoch0) == len(set(epoch0)) == 96  # each sample once in the epoch
+
+
+@pytest.mark.parametrize("before,after", [((2, 4, 1, 2), (1, 8, 1, 0)), ((1, 4, 2, 0), (4, 2, 1, 1))])
+def test_resume_on_another_number_of_processes_continues_the_same_sequence(toy_shards, before, after):
+    """Stopped after 5 steps on one layout, resumed on another with the same global batch: the global batches go on
+    exactly as an uninterrupted run's, and every sample of the interrupted epoch is read once across the change."""
+    out, _ = toy_shards
+    cfg = lambda w: DataConfig(shards=str(out), num_workers=w, shuffle_buffer=8, resolution=8, crop="random",  # noqa
+                               flip=True, streams=4)
+    reference, _ = global_batches(cfg(0), 1, 8, 1, 16)
+    world, batch, accum, workers = before
+    head, loaders = global_batches(cfg(workers), world, batch, accum, 5)
+    state = json.loads(json.dumps(Loader.merge_states([ld.state_dict() for ld in loaders])))
+    world, batch, accum, workers = after
+    tail, _ = global_batches(cfg(workers), world, batch, accum, 11, states=state)
+    for (ka, xa, ia, _), (kb, xb, ib, _) in zip(reference, head + tail):
+        assert ka == kb and torch.equal(xa, xb) and ia == ib
+    epoch0 = [k for keys, _, _, epochs in head + tail for k, e in zip(keys, epochs) if e == 0]
+    assert len(epoch0) == len(set(epoch0)) == 96
+
+
+def test_layouts_that_cannot_keep_the_sequence_are_clear_errors(toy_shards):
+    out, _ = toy_shards
+    cfg = DataConfig(shards=str(out), num_workers=0, streams=4, resolution=8)
+    with pytest.raises(ValueError, match="global batch of 6 samples .* does not divide among the run's 4 data streams"):
+        Loader(cfg, 6)
+    with pytest.raises(ValueError, match="4 data streams do not divide among 3 processes"):
+        Loader(cfg, 4, rank=0, world_size=3)
+    loader = Loader(cfg, 8)
+    next(iter(loader))
+    with pytest.raises(ValueError, match="does not fit this run.*global_batch"):
+        Loader(cfg, 8, rank=0, world_size=2, state=loader.state_dict())  # 16 per step now: another sequence
+    with pytest.raises(ValueError, match="older version of the loader"):
+        Loader(cfg, 8, state={"version": 1, "positions": {}})
 
 
 def test_restore_refuses_a_different_layout(toy_shards):

@@ -210,7 +210,7 @@ def check_run(run: Path, case: Case, step: int, log: str):
     mode = yaml.safe_load((ROOT / "launch" / "configs" / case.config).read_text())["data"]["mode"]
     if world == 2 and mode == "exact":  # each rank its own samples (resampled mode draws shards with replacement)
         assert ranks[0]["last_keys"] and not set(ranks[0]["last_keys"]) & set(ranks[1]["last_keys"])
-    assert all(r["delivered"] == step * case.accum for r in ranks)  # batches per rank: accumulation happened
+    assert all(r["steps"] == step and r["global_batch"] == 4 * world * case.accum for r in ranks)  # accumulation
     assert (ck / "pytorch_model").is_dir() == is_deepspeed(case.launch)  # DeepSpeed's own layout: its engine ran
     assert (ck / "ema.safetensors").exists() == case.ema
     engine = {"NO": "one process", "MULTI_GPU": "DDP"}.get(launch_file(case.launch)["distributed_type"])

@@ -94,10 +94,24 @@ def test_lr_schedule_and_caption_dropout_rate():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
     assert f[60] == pytest.approx(0.55) and f[-1] < 0.11 and all(a >= b for a, b in zip(f[10:], f[11:]))
     assert train.lr_factor(500, 10, 110, "constant", 0.0) == 1.0
-    gen = torch.Generator().manual_seed(0)
     n, p = 20000, 0.1
-    captions, dropped = train.drop_captions(["caption"] * n, p, gen)
+    captions, dropped = train.drop_captions(["caption"] * n, list(range(n)), p, seed=0)
     assert dropped == captions.count("") and abs(dropped / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    # decided per sample by its global index: the same whichever batch the sample is in
+    again, _ = train.drop_captions(["caption"] * 100, list(range(500, 600)), p, seed=0)
+    assert again == captions[500:600] and captions != train.drop_captions(["caption"] * n, list(range(n)), p, 1)[0]
+
+
+def test_timestep_and_noise_follow_the_sample_not_the_batch():
+    from diffusion import DiffusionConfig, GaussianDiffusion
+
+    d = GaussianDiffusion.from_config(DiffusionConfig())
+    x0 = torch.zeros(6, 3, 4, 4)
+    t, noise = train.sample_draws(d, x0, list(range(10, 16)), seed=3)
+    t2, noise2 = train.sample_draws(d, x0[:2], [14, 11], seed=3)
+    assert torch.equal(t2, t[[4, 1]]) and torch.equal(noise2, noise[[4, 1]])
+    assert len(set(t.tolist())) > 1 and noise.std() > 0.5 and t.max() < d.num_steps
+    assert not torch.equal(train.sample_draws(d, x0, list(range(10, 16)), seed=4)[1], noise)
 
 
 # --- one process ---------------------------------------------------------------------------------------------------
@@ -152,7 +166,7 @@ def test_gradient_accumulation(shards, tmp_path):
     train.main(small(shards, run, "--max-steps", "3", "optim.grad_accum=2"))
     state = json.loads((run / "checkpoints" / "step_00000003" / "train_state.json").read_text())
     assert state["seen"] == 3 * 2 * 8  # two micro-batches of 8 per optimiser step
-    assert json.loads((run / "checkpoints" / "step_00000003" / "data" / "rank0.json").read_text())["delivered"] == 6
+    assert json.loads((run / "checkpoints" / "step_00000003" / "data" / "rank0.json").read_text())["steps"] == 3
     raw, init = weights(run / "model" / "unet.safetensors"), train.build(train.model_config("tiny", context_dim=64,
                                                                                          pooled_dim=64)).state_dict()
     assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the optimiser stepped
@@ -516,3 +530,34 @@ def test_two_processes_compiled_train_identically(shards, tmp_path):
     torchrun(small(shards, run, "--max-steps", "4", "data.num_workers=1", "train.compile=true"),
              {"ACCELERATE_USE_CPU": "true"}, timeout=480)
     check_two_ranks(run, 4)
+
+
+@pytest.mark.slow
+def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, tmp_path):
+    """Elastic resume with real processes: stopped after 3 steps on 2 processes (8 + 8 images) and resumed on 1
+    (16), and 1 → 2: the losses logged after the resume equal the uninterrupted run's to float rounding (the same
+    samples, each with the same timestep, noise and caption dropout), and so do the streams' positions."""
+    def launch(run, nproc, batch, steps, resume=False):
+        args = small(shards, run, "--max-steps", str(steps), "data.num_workers=1", "data.streams=2", "logging.every=1",
+                     "checkpoint.every=3", f"optim.batch_size={batch}", *(["--resume", "latest"] if resume else []))
+        torchrun(args, {"ACCELERATE_USE_CPU": "true"}, nproc=nproc)
+
+    def curve(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def positions(run):
+        from pipeline.checkpoint import load_data_state
+
+        return load_data_state(run / "checkpoints" / "step_00000006")["positions"]
+
+    straight = tmp_path / "straight"
+    launch(straight, 1, 16, 6)
+    for name, (first, second) in {"two_then_one": ((2, 8), (1, 16)), "one_then_two": ((1, 16), (2, 8))}.items():
+        run = tmp_path / name
+        launch(run, *first, 3)
+        launch(run, *second, 6, resume=True)
+        got, ref = curve(run), curve(straight)
+        assert [m["step"] for m in got] == [m["step"] for m in ref] == list(range(1, 7))
+        assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=1e-5), name
+        assert [m["caption_dropout_rate"] for m in got] == [m["caption_dropout_rate"] for m in ref]
+        assert positions(run) == positions(straight)
