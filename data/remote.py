@@ -76,7 +76,7 @@ class ResumableStream(io.RawIOBase):
         while n > 0:
             chunk = self._src.read(min(n, 1 << 20))
             if not chunk:
-                raise TransientError(f"the stream ended after {self.pos - n} bytes, before the {self.pos} already read")
+                raise TransientError(f"the stream ended before the {self.pos} bytes already read")
             n -= len(chunk)
 
     def _close_source(self):
@@ -94,37 +94,34 @@ class ResumableStream(io.RawIOBase):
 
     # -- retries ------------------------------------------------------------------------------------------------
     def _with_retries(self, action):
-        for attempt in range(self.retries + 1):
+        """``action()``, reopening the stream at the current byte and trying again after each transient failure (a
+        failed reopen counts as one too), ``retries`` times at most."""
+        attempt = 0
+        while True:
             try:
+                if self._src is None and action != self._open:
+                    self._open()
                 return action()
             except (TransientError, ConnectionError, TimeoutError, http.client.HTTPException,
                     urllib.error.URLError) as e:
                 if isinstance(e, urllib.error.HTTPError) and e.code not in TRANSIENT_HTTP:
                     raise RemoteShardError(f"{self.url}: HTTP {e.code}") from None
+                self._close_source()  # the next try reopens at self.pos
                 if attempt == self.retries:
-                    self._close_source()
                     raise RemoteShardError(f"{self.url}: gave up after {self.retries} retries at byte {self.pos} "
                                            f"({type(e).__name__}: {e})") from None
                 wait = min(MAX_DELAY, self.delay * 2 ** attempt)
+                attempt += 1
                 self.counts["remote_retries"] += 1
                 log.warning("shard %s: %s at byte %d; retry %d of %d in %.1f s", self.url,
-                            f"{type(e).__name__}: {e}".strip(": "), self.pos, attempt + 1, self.retries, wait)
+                            f"{type(e).__name__}: {e}", self.pos, attempt, self.retries, wait)
                 time.sleep(wait)
-                if action is not self._open:
-                    try:
-                        self._open()
-                    except (TransientError, ConnectionError, TimeoutError, http.client.HTTPException,
-                            urllib.error.URLError):
-                        continue  # the reopen failed too: counts as this attempt's failure; try again
-        raise AssertionError("unreachable")
 
     # -- reading ------------------------------------------------------------------------------------------------
     def readable(self) -> bool:
         return True
 
     def _read_some(self, b) -> int:
-        if self._src is None:
-            self._open()
         n = self._src.readinto(b)
         if n:
             return n
@@ -135,7 +132,7 @@ class ResumableStream(io.RawIOBase):
                 err = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
                 raise TransientError(f"`{self.url[5:]}` exited with {code}" + (f": {err[-1]}" if err else ""))
         elif self.length is not None and self.pos < self.length:
-            raise TransientError(f"the body ended at byte {self.pos} of {self.length}")
+            raise TransientError(f"the body ended before its {self.length} bytes")
         return 0
 
     def readinto(self, b) -> int:

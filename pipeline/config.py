@@ -20,6 +20,7 @@ from data import DataConfig
 from diffusion import DiffusionConfig
 from models.autoencoder import AutoencoderConfig
 from models.text_encoders import TextEncoderConfig
+from pipeline.validation import ValidationConfig
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)  # shards null: no validation loss
 
     def validate(self):
         from models.registry import SIZES, model_config
@@ -132,6 +134,7 @@ class TrainConfig:
         try:
             self.data.validate()
             self.autoencoder.validate()
+            self.validation.validate(self.diffusion.num_steps)
         except ConfigError:
             raise
         except ValueError as e:

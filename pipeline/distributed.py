@@ -133,8 +133,9 @@ def full_weights(accelerator, model: torch.nn.Module):
         yield
 
 
-def weights_fingerprint(accelerator, model: torch.nn.Module) -> str:
-    """Collective under ZeRO-3. A checksum of this rank's copy of the (whole) weights: replicas must agree."""
+def weights_checksum(accelerator, model: torch.nn.Module) -> str:
+    """Collective under ZeRO-3. A float checksum (Σw + Σw²) of this rank's copy of the whole weights: replicas must
+    agree (not a fingerprint of the weights' identity: models.autoencoder.weights_fingerprint is that)."""
     with full_weights(accelerator, model):
         total = sum(p.detach().double().sum().item() + p.detach().double().pow(2).sum().item()
                     for p in model.parameters())

@@ -16,19 +16,31 @@ import sys
 from pathlib import Path
 
 
+def training_rows(metrics_file: Path, key: str = "loss") -> dict[int, dict]:
+    """metrics.jsonl's lines that hold ``key`` (the training log lines; validation lines hold val_loss), by step; a
+    resumed run may log a step twice: the last one is kept."""
+    rows = {}
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            rows[row["step"]] = row
+    return rows
+
+
 def loss_curve(metrics_file: Path, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {}
-    for line in metrics_file.read_text().splitlines():  # a resumed run may log a step twice: keep the last
-        row = json.loads(line)
-        rows[row["step"]] = row
+    rows = training_rows(metrics_file)
+    val = training_rows(metrics_file, "val_loss")
     steps = sorted(rows)
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(steps, [rows[s]["loss"] for s in steps])
+    ax.plot(steps, [rows[s]["loss"] for s in steps], label="training")
+    if val:
+        ax.plot(sorted(val), [val[s]["val_loss"] for s in sorted(val)], "o-", label="validation (fixed t, ε)")
+        ax.legend(fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (ε-MSE)")
@@ -133,10 +145,7 @@ def training_time(run: Path) -> tuple[float, int]:
     ckpts = sorted((run / "checkpoints").glob("step_*/data"))
     world = len(list(ckpts[-1].glob("rank*.json"))) if ckpts else 1
     per_step = cfg["optim"]["batch_size"] * cfg["optim"]["grad_accum"] * world
-    rows = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows[row["step"]] = row
+    rows = training_rows(run / "metrics.jsonl")
     seconds, prev = 0.0, 0
     for step in sorted(rows):
         seconds += (step - prev) * per_step / rows[step]["images_per_s"]
@@ -155,7 +164,7 @@ def comparison(runs: list[tuple[str, Path, Path | None]]) -> list[str]:
         vae = meta.get("autoencoder")
         size = meta["resolution"] // (2 ** (len(json.loads((run / "model" / "vae" / "config.json").read_text())
                                                  ["block_out_channels"]) - 1)) if vae else meta["resolution"]
-        last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+        last = training_rows(run / "metrics.jsonl")[steps]
         vae_seconds = None
         if vae and Path(vae.get("source", "")).joinpath("training.json").is_file():  # a VAE trained by train_vae.py
             vae_seconds = json.loads(Path(vae["source"]).joinpath("training.json").read_text()).get("seconds")
@@ -190,7 +199,8 @@ def main(argv=None):
     run = Path(args.run)
     lines = ["# Quickstart report", ""]
     meta = json.loads((run / "model" / "config.json").read_text())
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    rows = training_rows(run / "metrics.jsonl")
+    last = rows[max(rows)]
     import yaml
 
     size = yaml.safe_load((run / "config.yaml").read_text())["model"]["size"]

@@ -44,6 +44,7 @@ from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import distributed as dist  # noqa: E402
 from pipeline.config import ConfigError, TrainConfig, load_config, save_config  # noqa: E402
 from pipeline.generate import cond_to, generate, image_seed  # noqa: E402
+from pipeline.validation import Validation  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -351,216 +352,352 @@ def list_any(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
 
 
-def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
-    """The job, once its config is read and its run folder exists."""
+@dataclasses.dataclass
+class Inputs:
+    """What the run reads and never trains: data, frozen encoders, the U-Net's config, where it resumes from."""
+
+    loader: Loader
+    text_encoder: object
+    encoder: object  # the text encoder, or its cache of precomputed embeddings
+    vae: object
+    empty: dict | None  # the "" embedding when the shards store caption embeddings
+    unet_cfg: object
+    meaning: dict  # what the weights mean (family, VAE, schedule): checked on resume
+    resume_from: Path | None
+    validation: Validation | None
+
+
+@dataclasses.dataclass
+class Engine:
+    """What trains: the (wrapped) U-Net, its optimiser and LR schedule, the EMA copy, the loss's callable."""
+
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    ema: object
+    net: object
+    under_deepspeed: bool
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     tracker = None if cfg.logging.tracker == "none" else cfg.logging.tracker
     accelerator = Accelerator(
         mixed_precision=cfg.optim.mixed_precision, gradient_accumulation_steps=cfg.optim.grad_accum,
         log_with=tracker, step_scheduler_with_optimizer=False,  # one scheduler step per optimiser step, any world size
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
     dist.fix_cpu_deepspeed_ranks(accelerator)
-    try:
-        dist.check_world(accelerator)
-    except dist.LaunchError as e:
-        raise SystemExit(f"error: {e}") from None
+    dist.check_world(accelerator)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    ckpt_dir = run_dir / "checkpoints"
+    return accelerator
 
-    # Everything that can be wrong with the input is checked before the first step.
-    try:
-        resume_from = resolve_resume_once(accelerator, args.resume, ckpt_dir) if args.resume else None
-        data_state = ckpt.load_data_state(resume_from) if resume_from else None
-        if data_state is not None and data_state.get("world_size") != world and dist.zero_stage(accelerator):
-            raise ValueError(f"{resume_from} was saved by {data_state.get('world_size')} processes under DeepSpeed, "
-                             f"whose ZeRO states are sharded per process: resume it on {data_state.get('world_size')} "
-                             f"(a DDP run resumes on any number of processes with the same global batch)")
-        loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
-                        pin_memory=device.type == "cuda", grad_accum=cfg.optim.grad_accum)
-        set_seed(cfg.train.seed)  # the same initial weights on every rank
-        with dist.frozen_parts(accelerator):  # frozen: outside the optimiser, DDP and ZeRO
-            text_encoder = build_text_encoder(cfg.text_encoder).to(device)
-            vae = load_autoencoder(cfg.autoencoder, device)
-        encoder = CachedTextEncoder(text_encoder) if cfg.text_encoder.cache else text_encoder
-        if cfg.text_encoder.cache:
-            encoder.load(cfg.text_encoder.cache)
-        unet_cfg = network_config(cfg, text_encoder, vae)
-        latent_geometry(unet_cfg, vae, cfg.data.resolution)
-        empty = None  # the "" embedding, when the shards store caption embeddings of this text encoder
-        if loader.manifest is not None:
-            check_manifest(loader.manifest, vae.identity() if vae is not None else None, cfg.data.resolution)
-            stored = loader.manifest.get("text")
-            if stored and stored != text_encoder.identity:
-                log.warning("the latent shards' caption embeddings come from text encoder %s, not the configured "
-                            "%s: encoding the captions instead", stored, text_encoder.identity)
-            elif stored:
-                empty = cond_to(text_encoder.encode([""]), device)
-        meaning = {"model_family": family_of(unet_cfg), "autoencoder": vae.identity() if vae is not None else None,
-                   "diffusion": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "schedule", "zero_terminal_snr",
-                                                                       "prediction")}}
-        if resume_from:
-            ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg), meaning)
-        model = build(unet_cfg)
-        if not resume_from:
-            load_pretrained_weights(cfg, model)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+
+def read_inputs(args, cfg: TrainConfig, accelerator, ckpt_dir: Path) -> Inputs:
+    """Everything that can be wrong with the input, checked before the first step (FileNotFoundError/ValueError)."""
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    resume_from = resolve_resume_once(accelerator, args.resume, ckpt_dir) if args.resume else None
+    data_state = ckpt.load_data_state(resume_from) if resume_from else None
+    if data_state is not None and data_state.get("world_size") != world and dist.zero_stage(accelerator):
+        raise ValueError(f"{resume_from} was saved by {data_state.get('world_size')} processes under DeepSpeed, whose "
+                         f"ZeRO states are sharded per process: resume it on {data_state.get('world_size')} (a DDP "
+                         f"run resumes on any number of processes with the same global batch)")
+    loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
+                    pin_memory=device.type == "cuda", grad_accum=cfg.optim.grad_accum)
+    set_seed(cfg.train.seed)  # the same initial weights on every rank
+    with dist.frozen_parts(accelerator):  # frozen: outside the optimiser, DDP and ZeRO
+        text_encoder = build_text_encoder(cfg.text_encoder).to(device)
+        vae = load_autoencoder(cfg.autoencoder, device)
+    encoder = CachedTextEncoder(text_encoder) if cfg.text_encoder.cache else text_encoder
+    if cfg.text_encoder.cache:
+        encoder.load(cfg.text_encoder.cache)
+    unet_cfg = network_config(cfg, text_encoder, vae)
+    latent_geometry(unet_cfg, vae, cfg.data.resolution)
+    empty = None
+    if loader.manifest is not None:
+        check_manifest(loader.manifest, vae.identity() if vae is not None else None, cfg.data.resolution)
+        stored = loader.manifest.get("text")
+        if stored and stored != text_encoder.identity:
+            log.warning("the latent shards' caption embeddings come from text encoder %s, not the configured %s: "
+                        "encoding the captions instead", stored, text_encoder.identity)
+        elif stored:
+            empty = cond_to(text_encoder.encode([""]), device)
+    meaning = {"model_family": family_of(unet_cfg), "autoencoder": vae.identity() if vae is not None else None,
+               "diffusion": {k: getattr(cfg.diffusion, k) for k in ("num_steps", "schedule", "zero_terminal_snr",
+                                                                   "prediction")}}
+    if resume_from:
+        ckpt.check_model_config(resume_from, dataclasses.asdict(unet_cfg), meaning)
+    validation = None
+    if cfg.validation.shards is not None:
+        validation = Validation(cfg.validation, cfg.data, GaussianDiffusion.from_config(cfg.diffusion), encoder, vae,
+                                device, cfg.train.seed, rank, world)
+    return Inputs(loader, text_encoder, encoder, vae, empty, unet_cfg, meaning, resume_from, validation)
+
+
+def build_engine(cfg: TrainConfig, accelerator, inputs: Inputs) -> Engine:
+    """The U-Net (pretrained weights unless resuming), EMA, compile, optimiser, LR schedule, under the launcher's
+    engine (DDP or DeepSpeed)."""
+    model = build(inputs.unet_cfg)
+    if not inputs.resume_from:
+        load_pretrained_weights(cfg, model)
     o = cfg.optim
-    try:
-        dist.check_launch(cfg, accelerator, model)
-        dist.configure_deepspeed(accelerator, o, world)
-    except dist.LaunchError as e:
-        raise SystemExit(f"error: {e}") from None
+    dist.check_launch(cfg, accelerator, model)
+    dist.configure_deepspeed(accelerator, o, accelerator.num_processes)
     ema = build_ema(model, cfg.ema)  # before compiling (the EMA copy samples eagerly) and before DeepSpeed casts
     if ema is not None:
-        ema.to(device)
+        ema.to(accelerator.device)
     if cfg.train.compile:
         log.info("train.compile: the U-Net runs through torch.compile; the first step compiles it (minutes on a CPU)")
         model.compile()  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
     # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay, eps=o.eps,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                  eps=o.eps, fused=True)
     # One scheduler step per optimiser step taken (a skipped step does not advance it).
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, o.warmup_steps, o.decay_steps or cfg.train.max_steps, o.schedule, o.min_lr_ratio))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)  # the text encoder stays out
-    under_deepspeed = dist.zero_stage(accelerator) is not None
     weights_dtype = next(model.parameters()).dtype  # bf16/fp16 under DeepSpeed's mixed precision, else fp32
+    net = network(model, None if weights_dtype == torch.float32 else weights_dtype, cfg.train.channels_last)
+    return Engine(model, optimizer, scheduler, ema, net, dist.zero_stage(accelerator) is not None)
 
-    counts = Counts()
-    if resume_from:
-        try:
-            state = ckpt.load_checkpoint(accelerator, resume_from, ema)  # data position: restored in the Loader
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}") from None
-        counts = Counts.from_state(state)
-        log.info("resumed from %s at step %d", resume_from, counts.step)
+
+@dataclasses.dataclass
+class StepResult:
+    window_ok: bool  # every micro-step's loss finite on every rank
+    bad_at: list  # (micro-step, ranks) where not
+    loss: torch.Tensor  # the window's summed micro-step losses (of the finite ones), on the device
+    stepped: bool
+    grad_norm: object
+    dropped: int  # captions this rank emptied
+    wait: float  # seconds spent waiting for data
+
+
+def train_step(cfg: TrainConfig, accelerator, inputs: Inputs, engine: Engine, diffusion, batches) -> StepResult:
+    """One optimiser step: grad_accum micro-batches (caption dropout, ε-loss, backward; a non-finite loss anywhere
+    drops the whole window on every rank), then clip and step (or skip)."""
+    device, o = accelerator.device, cfg.optim
+    res = StepResult(True, [], torch.zeros((), device=device), False, None, 0, 0.0)
+    for micro in range(o.grad_accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        res.wait += time.perf_counter() - t0
+        captions, dropped = drop_captions(batch.captions, batch.index, cfg.train.caption_dropout, cfg.train.seed)
+        res.dropped += dropped
+        cond = batch_cond(batch, captions, inputs.encoder, inputs.empty, device)
+        x0 = batch_input(batch, inputs.vae, device)
+        t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed)
+        with accelerator.accumulate(engine.model):
+            with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
+                loss = diffusion.training_losses(engine.net, x0, cond, t=t, noise=noise)["loss"].mean()
+            finite, bad_ranks = dist.finite_everywhere(accelerator, loss)  # the one host sync per micro-step
+            if finite:
+                res.loss += loss.detach()
+            else:
+                res.window_ok = False
+                res.bad_at.append((micro, bad_ranks))
+            backward(accelerator, loss, res.window_ok, engine.under_deepspeed)
+    res.stepped, res.grad_norm = optimizer_step(accelerator, engine.model, engine.optimizer, res.window_ok,
+                                                o.grad_clip, engine.under_deepspeed)
+    res.keys = batch.keys
+    return res
+
+
+class Meter:
+    """Sums between log lines, kept on the device (no host sync until the log step)."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.grad_norm = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self):
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.losses = self.norms = self.images = 0
+        self.wait, self.since = 0.0, time.perf_counter()
+
+    def add(self, res: StepResult, accum: int, images: int):
+        if res.stepped and res.grad_norm is not None:
+            self.grad_norm += res.grad_norm.detach().float() if torch.is_tensor(res.grad_norm) else float(res.grad_norm)
+            self.norms += 1
+        if res.window_ok:  # the logged loss: of the windows trained on
+            self.loss += res.loss
+            self.losses += accum
+        self.images += images
+        self.wait += res.wait
+
+
+def log_metrics(accelerator, run_dir: Path, step: int, meter: Meter, counts: Counts, engine: Engine, loader,
+                bar) -> dict:
+    """The log line, the tracker's points and metrics.jsonl (collective: the loss is the global batch's mean)."""
+    elapsed = time.perf_counter() - meter.since
+    skipped = dict(sum((Counter(c) for c in gather_object([loader.skipped])), Counter()))
+    metrics = {"loss": accelerator.reduce(meter.loss, "mean").item() / max(1, meter.losses),
+               "lr": engine.scheduler.get_last_lr()[0], "grad_norm": meter.grad_norm.item() / max(1, meter.norms),
+               "images_per_s": meter.images * accelerator.num_processes / elapsed,
+               "data_wait_fraction": meter.wait / elapsed, **counts.metrics(), "epoch": loader.epoch,
+               **{f"skipped/{k}": v for k, v in skipped.items()}}
+    write_metrics(accelerator, run_dir, step, metrics)
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+    log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped steps %d "
+             "(non-finite loss) + %d (non-finite gradients), skipped samples %s", step, metrics["loss"],
+             metrics["lr"], metrics["grad_norm"], metrics["images_per_s"], 100 * metrics["data_wait_fraction"],
+             counts.nan_skips, counts.overflow_skips, skipped or "none")
+    meter.reset()
+    return metrics
+
+
+def write_metrics(accelerator, run_dir: Path, step: int, metrics: dict):
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:  # a plain copy for scripts and reports (the loss curve)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def validate(accelerator, run_dir: Path, step: int, inputs: Inputs, engine: Engine):
+    """The validation loss at this step, of the EMA weights when there are (what sampling uses), else the raw ones."""
+    weights = engine.ema.ema_model if engine.ema is not None else accelerator.unwrap_model(engine.model)
+    net = weights if engine.ema is not None else engine.net
+    was_training = weights.training
+    weights.eval()
+    metrics = inputs.validation(net, accelerator.autocast)
+    weights.train(was_training)
+    write_metrics(accelerator, run_dir, step, metrics)
+    log.info("step %d: validation loss %.4f (%s weights, %.1f s)", step, metrics["val_loss"],
+             "EMA" if engine.ema is not None else "raw", metrics["val_seconds"])
+
+
+def save_samples(cfg: TrainConfig, accelerator, run_dir: Path, step: int, inputs: Inputs, engine: Engine, diffusion):
+    """The fixed-prompt sample grid (every rank takes part under ZeRO-3 without EMA: its weights are sharded)."""
+    zero3_weights = engine.ema is None and dist.zero_stage(accelerator) == 3
+    if accelerator.is_main_process or zero3_weights:
+        model = engine.ema.ema_model if engine.ema is not None else accelerator.unwrap_model(engine.model)
+        path = run_dir / "samples" / f"step_{step:08d}.png" if accelerator.is_main_process else None
+        save_sample_grid(model, inputs.encoder, diffusion, cfg, path, accelerator.device, inputs.vae)
+        if path is not None:
+            _log_image(accelerator, path, step)
+    accelerator.wait_for_everyone()
+
+
+def save(cfg: TrainConfig, accelerator, ckpt_dir: Path, step: int, inputs: Inputs, engine: Engine, counts: Counts,
+         keys: list[str]):
+    """A checkpoint (collective), after checking that the replicas agree."""
+    info = {"weights_checksum": dist.weights_checksum(accelerator, engine.model), "last_keys": keys}
+    fingerprints = {i["weights_checksum"] for i in gather_object([info])}
+    if len(fingerprints) > 1:
+        log.warning("the ranks' weights differ at step %d (%s): replicas diverged", step, fingerprints)
+    train_state = {"model_config": dataclasses.asdict(inputs.unet_cfg), **inputs.meaning, **counts.state()}
+    ckpt.save_checkpoint(accelerator, ckpt_dir, step, engine.ema, inputs.loader, train_state,
+                         cfg.checkpoint.keep_last, info)
+
+
+def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
+    """The job, once its config is read and its run folder exists: set-up, then the loop (step → log → samples →
+    validation → checkpoint), then the export."""
+    try:
+        accelerator = make_accelerator(cfg, run_dir)
+        ckpt_dir = run_dir / "checkpoints"
+        inputs = read_inputs(args, cfg, accelerator, ckpt_dir)
+        engine = build_engine(cfg, accelerator, inputs)
+    except (FileNotFoundError, ValueError) as e:  # LaunchError is a ValueError
+        raise SystemExit(f"error: {e}") from None
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    counts = resume(accelerator, inputs, engine)
+    describe(cfg, accelerator, run_dir, inputs, engine)
+
+    loader, world = inputs.loader, accelerator.num_processes
+    batches = iter(loader)
+    bar = tqdm(total=cfg.train.max_steps, initial=counts.step, desc="train", disable=not accelerator.is_main_process,
+               dynamic_ncols=True)
+    meter = Meter(accelerator.device)
+    val_every = cfg.validation.every
+    if inputs.validation is not None and counts.step == 0:
+        validate(accelerator, run_dir, 0, inputs, engine)
+    engine.model.train()
+    while counts.step < cfg.train.max_steps:
+        res = train_step(cfg, accelerator, inputs, engine, diffusion, batches)
+        # counted over the global batch (the same numbers on every rank, and after a resume on any number of them)
+        counts.dropped += int(accelerator.reduce(torch.tensor(res.dropped, device=accelerator.device), "sum"))
+        counts.seen += loader.layout.global_batch
+        if res.stepped:
+            engine.scheduler.step()  # ours alone (DeepSpeed's engine is given no scheduler): follows the steps taken
+            update_ema(engine.ema, accelerator.unwrap_model(engine.model), accelerator)
+        meter.add(res, cfg.optim.grad_accum, loader.layout.global_batch // world)
+        counts.taken(res.stepped, res.window_ok)
+        report_skip(accelerator, cfg, counts, res, world)
+        bar.update(1)
+        step, last = counts.step, counts.step == cfg.train.max_steps
+        if step % cfg.logging.every == 0 or last:
+            log_metrics(accelerator, run_dir, step, meter, counts, engine, loader, bar)
+        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or last:
+            save_samples(cfg, accelerator, run_dir, step, inputs, engine, diffusion)
+        if inputs.validation is not None and (step % val_every == 0 or last):
+            validate(accelerator, run_dir, step, inputs, engine)
+        if step % cfg.checkpoint.every == 0 or last:
+            save(cfg, accelerator, ckpt_dir, step, inputs, engine, counts, res.keys)
+    bar.close()
+    export(cfg, accelerator, run_dir, inputs, engine, counts)
+    accelerator.end_training()
+    return run_dir
+
+
+def resume(accelerator, inputs: Inputs, engine: Engine) -> Counts:
+    """The counters, and the engine's and EMA's states, of the checkpoint resumed from (fresh ones otherwise)."""
+    if not inputs.resume_from:
+        return Counts()
+    try:
+        state = ckpt.load_checkpoint(accelerator, inputs.resume_from, engine.ema)  # data: restored in the Loader
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    counts = Counts.from_state(state)
+    log.info("resumed from %s at step %d", inputs.resume_from, counts.step)
+    return counts
+
+
+def describe(cfg: TrainConfig, accelerator, run_dir: Path, inputs: Inputs, engine: Engine):
+    """config.yaml, the first log lines (engine, precision, accumulation, data, space) and the trackers."""
     if accelerator.is_main_process:
-        ckpt.remove_partial(ckpt_dir)
+        ckpt.remove_partial(run_dir / "checkpoints")
         save_config(cfg, run_dir / "config.yaml")
-        engine = f"DeepSpeed ZeRO-{dist.zero_stage(accelerator)}" if under_deepspeed else \
+        world, vae, loader = accelerator.num_processes, inputs.vae, inputs.loader
+        name = f"DeepSpeed ZeRO-{dist.zero_stage(accelerator)}" if engine.under_deepspeed else \
             ("DDP" if world > 1 else "one process")
         log.info("model %s: %.2fM parameters; text encoder %s (%s); %d process(es) on %s, %s, precision %s, "
-                 "grad accumulation %d; data: %d %s shards; %s", cfg.model.size,
-                 accelerator.unwrap_model(model).num_parameters() / 1e6, cfg.text_encoder.name,
-                 "cached" if cfg.text_encoder.cache else "live", world, device.type, engine, accelerator.mixed_precision,
-                 o.grad_accum, len(loader.urls), "latent" if loader.manifest else "image",
+                 "grad accumulation %d; data: %d %s shards, %d streams, global batch %d; %s",
+                 cfg.model.size, accelerator.unwrap_model(engine.model).num_parameters() / 1e6, cfg.text_encoder.name,
+                 "cached" if cfg.text_encoder.cache else "live", world, accelerator.device.type, name,
+                 accelerator.mixed_precision, cfg.optim.grad_accum, len(loader.urls),
+                 "latent" if loader.manifest else "image", loader.layout.streams, loader.layout.global_batch,
                  f"latent space of {vae.source} ({vae.channels}×{cfg.data.resolution // vae.factor}²)" if vae else
                  "pixel space")
     accelerator.init_trackers(cfg.logging.project, config=_flat(dataclasses.asdict(cfg)))
 
-    net = network(model, None if weights_dtype == torch.float32 else weights_dtype, cfg.train.channels_last)
-    batches = iter(loader)
-    bar = tqdm(total=cfg.train.max_steps, initial=counts.step, desc="train", disable=not accelerator.is_main_process,
-               dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)
-    grad_norm_sum = torch.zeros((), device=device)  # summed on the device: no host sync until the log step
-    losses_summed, norms_summed, wait_time, t_last, images_since = 0, 0, 0.0, time.perf_counter(), 0
-    model.train()
-    while counts.step < cfg.train.max_steps:
-        step = counts.step
-        window_ok, bad_at = True, []  # every micro-step's loss finite on every rank; (micro-step, ranks) where not
-        step_dropped = 0  # captions this rank emptied in this step
-        window_loss = torch.zeros((), device=device)
-        for micro in range(o.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            wait_time += time.perf_counter() - t0
-            captions, dropped = drop_captions(batch.captions, batch.index, cfg.train.caption_dropout, cfg.train.seed)
-            step_dropped += dropped
-            images_since += len(captions)
-            cond = batch_cond(batch, captions, encoder, empty, device)
-            x0 = batch_input(batch, vae, device)
-            t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
-                    loss = diffusion.training_losses(net, x0, cond, t=t, noise=noise)["loss"].mean()
-                finite, bad_ranks = dist.finite_everywhere(accelerator, loss)  # the one host sync per micro-step
-                if finite:
-                    window_loss += loss.detach()
-                else:
-                    window_ok = False
-                    bad_at.append((micro, bad_ranks))
-                backward(accelerator, loss, window_ok, under_deepspeed)
-        stepped, norm = optimizer_step(accelerator, model, optimizer, window_ok, o.grad_clip, under_deepspeed)
-        # counted over the global batch (the same numbers on every rank, and after a resume on any number of them)
-        counts.dropped += int(accelerator.reduce(torch.tensor(step_dropped, device=device), "sum"))
-        counts.seen += loader.layout.global_batch
-        if stepped:
-            scheduler.step()  # ours alone (DeepSpeed's engine is given no scheduler): it follows the steps taken
-            update_ema(ema, accelerator.unwrap_model(model), accelerator)
-            if norm is not None:
-                grad_norm_sum += norm.detach().float() if torch.is_tensor(norm) else float(norm)
-                norms_summed += 1
-        if window_ok:  # the logged loss: of the windows trained on
-            loss_sum += window_loss
-            losses_summed += o.grad_accum
-        counts.taken(stepped, window_ok)
-        if not window_ok:
-            if accelerator.is_main_process:  # every rank knows, one says it
-                where = ", ".join(f"micro-step {m} on {r} of {world} rank(s)" for m, r in bad_at)
-                log.warning("non-finite loss at step %d (%s): step skipped on every rank (%d in a row)", step + 1,
-                            where, counts.nan_in_row)
-            if counts.nan_in_row >= cfg.train.max_nan_in_row:
-                raise RuntimeError(f"{counts.nan_in_row} non-finite losses in a row (train.max_nan_in_row): stopping. "
-                                   f"Lower optim.lr, use bf16 rather than fp16, or resume from an earlier checkpoint.")
-        elif not stepped:
-            log.info("step %d skipped: inf/NaN gradients from finite losses (in fp16 the loss scaler lowers its scale)",
-                     step + 1)
-        bar.update(1)
-        step = counts.step
 
-        if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
-            elapsed = time.perf_counter() - t_last
-            skipped = dict(sum((Counter(c) for c in gather_object([loader.skipped])), Counter()))
-            metrics = {"loss": accelerator.reduce(loss_sum, "mean").item() / max(1, losses_summed),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm_sum.item() / max(1, norms_summed),
-                       "images_per_s": images_since * world / elapsed, "data_wait_fraction": wait_time / elapsed,
-                       **counts.metrics(), "epoch": loader.epoch, **{f"skipped/{k}": v for k, v in skipped.items()}}
-            accelerator.log(metrics, step=step)
-            if accelerator.is_main_process:  # a plain copy for scripts and reports (the loss curve)
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped steps %d "
-                     "(non-finite loss) + %d (non-finite gradients), skipped samples %s", step, metrics["loss"],
-                     metrics["lr"], metrics["grad_norm"], metrics["images_per_s"], 100 * metrics["data_wait_fraction"],
-                     counts.nan_skips, counts.overflow_skips, skipped or "none")
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
-            losses_summed, norms_summed, wait_time, images_since, t_last = 0, 0, 0.0, 0, time.perf_counter()
+def report_skip(accelerator, cfg: TrainConfig, counts: Counts, res: StepResult, world: int):
+    """Say why a step was skipped; stop after train.max_nan_in_row non-finite losses in a row."""
+    if not res.window_ok:
+        if accelerator.is_main_process:  # every rank knows, one says it
+            where = ", ".join(f"micro-step {m} on {r} of {world} rank(s)" for m, r in res.bad_at)
+            log.warning("non-finite loss at step %d (%s): step skipped on every rank (%d in a row)", counts.step,
+                        where, counts.nan_in_row)
+        if counts.nan_in_row >= cfg.train.max_nan_in_row:
+            raise RuntimeError(f"{counts.nan_in_row} non-finite losses in a row (train.max_nan_in_row): stopping. "
+                               f"Lower optim.lr, use bf16 rather than fp16, or resume from an earlier checkpoint.")
+    elif not res.stepped:
+        log.info("step %d skipped: inf/NaN gradients from finite losses (in fp16 the loss scaler lowers its scale)",
+                 counts.step)
 
-        last = step == cfg.train.max_steps
-        if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or last:
-            zero3_weights = ema is None and dist.zero_stage(accelerator) == 3  # sharded: every rank must take part
-            if accelerator.is_main_process or zero3_weights:
-                sampler_model = ema.ema_model if ema is not None else accelerator.unwrap_model(model)
-                path = run_dir / "samples" / f"step_{step:08d}.png" if accelerator.is_main_process else None
-                save_sample_grid(sampler_model, encoder, diffusion, cfg, path, device, vae)
-                if path is not None:
-                    _log_image(accelerator, path, step)
-            accelerator.wait_for_everyone()
-        if step % cfg.checkpoint.every == 0 or last:
-            info = {"weights_fingerprint": dist.weights_fingerprint(accelerator, model), "last_keys": batch.keys}
-            fingerprints = {i["weights_fingerprint"] for i in gather_object([info])}
-            if len(fingerprints) > 1:
-                log.warning("the ranks' weights differ at step %d (%s): replicas diverged", step, fingerprints)
-            train_state = {"model_config": dataclasses.asdict(unet_cfg), **meaning, **counts.state()}
-            ckpt.save_checkpoint(accelerator, ckpt_dir, step, ema, loader, train_state, cfg.checkpoint.keep_last, info)
-    bar.close()
 
-    unet_state = accelerator.get_state_dict(model)  # collective (gathers ZeRO-3 shards)
+def export(cfg: TrainConfig, accelerator, run_dir: Path, inputs: Inputs, engine: Engine, counts: Counts):
+    """RUN/model/: what sampling, evaluation and pipeline/export.py load (collective: gathers ZeRO-3 shards)."""
+    unet_state = accelerator.get_state_dict(engine.model)
     if accelerator.is_main_process:
+        ema = engine.ema
         ckpt.export_model(run_dir / "model", unet_state, ema.ema_model.state_dict() if ema is not None else None,
-                          unet_cfg, cfg.text_encoder, text_encoder, cfg.diffusion, cfg.data.resolution, counts.step,
-                          vae, cfg.autoencoder)
+                          inputs.unet_cfg, cfg.text_encoder, inputs.text_encoder, cfg.diffusion, cfg.data.resolution,
+                          counts.step, inputs.vae, cfg.autoencoder)
         log.info("done: %d steps (%d optimiser steps; skipped: %d for non-finite loss, %d for non-finite gradients); "
                  "caption dropout %.3f; skipped samples %s", counts.step, counts.optimizer_steps, counts.nan_skips,
-                 counts.overflow_skips, counts.dropped / max(1, counts.seen), loader.skipped or "none")
-    accelerator.end_training()
-    return run_dir
+                 counts.overflow_skips, counts.dropped / max(1, counts.seen), inputs.loader.skipped or "none")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

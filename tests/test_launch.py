@@ -206,7 +206,7 @@ def check_run(run: Path, case: Case, step: int, log: str):
     ranks = [json.loads(p.read_text()) for p in sorted((ck / "data").glob("rank*.json"))]
     world = processes(case.launch)
     assert len(ranks) == world and all(r["world_size"] == world for r in ranks)  # really distributed
-    assert len({r["weights_fingerprint"] for r in ranks}) == 1  # identical replicas (ZeRO-3: gathered)
+    assert len({r["weights_checksum"] for r in ranks}) == 1  # identical replicas (ZeRO-3: gathered)
     mode = yaml.safe_load((ROOT / "launch" / "configs" / case.config).read_text())["data"]["mode"]
     if world == 2 and mode == "exact":  # each rank its own samples (resampled mode draws shards with replacement)
         assert ranks[0]["last_keys"] and not set(ranks[0]["last_keys"]) & set(ranks[1]["last_keys"])
@@ -373,8 +373,8 @@ def test_nan_guard_skips_the_whole_step_on_every_rank(launch, precision, shards,
     for step in (2, 4, 6, 8):
         ranks = [json.loads((run / "checkpoints" / f"step_{step:08d}" / "data" / f"rank{r}.json").read_text())
                  for r in (0, 1)]
-        assert ranks[0]["weights_fingerprint"] == ranks[1]["weights_fingerprint"], step
-        fingerprints[step] = ranks[0]["weights_fingerprint"]
+        assert ranks[0]["weights_checksum"] == ranks[1]["weights_checksum"], step
+        fingerprints[step] = ranks[0]["weights_checksum"]
     assert fingerprints[4] == fingerprints[6] != fingerprints[2] and fingerprints[8] != fingerprints[6]
     state = json.loads((run / "checkpoints" / "step_00000008" / "train_state.json").read_text())
     assert state["optimizer_steps"] == 4 and state["nan_skips"] == 4
@@ -391,7 +391,7 @@ def test_nan_guard_skips_the_whole_step_on_every_rank(launch, precision, shards,
                                                                                                     rel=1e-5)
     ref = json.loads((clean / "checkpoints" / "step_00000008" / "data" / "rank0.json").read_text())
     moved = abs(float(fingerprints[8]) - float(fingerprints[6]))  # what two steps change
-    assert abs(float(ref["weights_fingerprint"]) - float(fingerprints[8])) < 1e-3 * moved  # (resume under DDP: ~1e-9)
+    assert abs(float(ref["weights_checksum"]) - float(fingerprints[8])) < 1e-3 * moved  # (resume under DDP: ~1e-9)
 
 
 @pytest.mark.slow

@@ -30,6 +30,13 @@ def shards(tmp_path_factory):
     return str(out / "{00000..00007}.tar")
 
 
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("held_out") / "shards"
+    write_toy(out, count=12, resolution=16, seed=99, max_samples=12)
+    return str(out / "00000.tar")
+
+
 def small(shards, run_dir, *extra):
     """Overrides that make the demo config test-sized (16 px, batch 8)."""
     base = [f"data.shards={shards}", "data.resolution=16", "data.num_workers=2", "data.shuffle_buffer=64",
@@ -339,7 +346,7 @@ def test_kill_during_save_leaves_previous_checkpoint(shards, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "wrong_type", "no_shards", "unwritable", "no_checkpoint",
-                                  "other_model"])
+                                  "other_model", "other_global_batch", "no_validation_shards", "retries"])
 def test_bad_input_fails_before_any_step(shards, tmp_path, case):
     run = tmp_path / "run"
     argv = {
@@ -349,19 +356,24 @@ def test_bad_input_fails_before_any_step(shards, tmp_path, case):
         "unwritable": small(shards, tmp_path / "a_file" / "run"),
         "no_checkpoint": small(shards, run, "--resume", "latest"),
         "other_model": small(shards, run, "--resume", "latest", "model.overrides.base_channels=16"),
+        # a resume that cannot continue the same data sequence (another global batch)
+        "other_global_batch": small(shards, run, "--resume", "latest", "optim.batch_size=4"),
+        "no_validation_shards": small(shards, run, f"validation.shards={tmp_path / 'held_{0..3}.tar'}"),
+        "retries": small(shards, run, "data.retries=-1"),
     }[case]
     expected = {"unknown_key": "optim.learning_rate", "wrong_type": "expected an integer", "no_shards": "matches no file",
                 "unwritable": "cannot write to the output folder", "no_checkpoint": "no checkpoint",
-                "other_model": "different model config"}[case]
+                "other_model": "different model config", "other_global_batch": "does not fit this run.*global batch",
+                "no_validation_shards": "held_.*matches no file", "retries": "data.retries must be in"}[case]
     (tmp_path / "a_file").write_text("a file, not a folder")
-    if case == "other_model":
+    if case in ("other_model", "other_global_batch"):
         train.main(small(shards, run, "--max-steps", "2"))
     before = sorted(p.name for p in run.rglob("*")) if run.exists() else []
     with pytest.raises(SystemExit, match=expected):
         train.main(argv)
     after = sorted(p.name for p in run.rglob("*")) if run.exists() else []
     assert [p for p in after if p.startswith("step_")] == [p for p in before if p.startswith("step_")]
-    if case != "other_model":  # a run folder this failed run created is not left behind, empty
+    if case not in ("other_model", "other_global_batch"):  # a run folder this failed run made is not left behind
         assert not run.exists()
 
 
@@ -507,10 +519,10 @@ def test_channels_last_training_follows_nchw(shards, tmp_path, monkeypatch):
 
 # --- two processes -------------------------------------------------------------------------------------------------
 
-def torchrun(args, env_extra, timeout=240, nproc=2, ok=True):
+def torchrun(args, env_extra, timeout=240, nproc=2, ok=True, script=ROOT / "pipeline" / "train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "pipeline" / "train.py"), *args]
+           str(script), *args]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-5000:]
     return res
@@ -520,7 +532,7 @@ def check_two_ranks(run: Path, step: int):
     ck = run / "checkpoints" / f"step_{step:08d}"
     r0, r1 = (json.loads((ck / "data" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["weights_fingerprint"] == r1["weights_fingerprint"] is not None  # identical replicas
+    assert r0["weights_checksum"] == r1["weights_checksum"] is not None  # identical replicas
     assert r0["last_keys"] and not set(r0["last_keys"]) & set(r1["last_keys"])  # each rank its own samples
 
 
@@ -533,17 +545,32 @@ def test_two_processes_compiled_train_identically(shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, tmp_path):
+def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, held_out, tmp_path):
     """Elastic resume with real processes: stopped after 3 steps on 2 processes (8 + 8 images) and resumed on 1
     (16), and 1 → 2: the losses logged after the resume equal the uninterrupted run's to float rounding (the same
-    samples, each with the same timestep, noise and caption dropout), and so do the streams' positions."""
+    samples, each with the same timestep, noise and caption dropout), and so do the streams' positions. The
+    validation loss (steps 0, 3, 6) is the same number on 1 and 2 processes."""
+    hashing = tmp_path / "count_hashing.py"  # the job, with every file hash counted per rank
+    hashing.write_text(
+        f"import atexit, os, sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom pipeline import checkpoint, train\n"
+        "calls, real = [0], checkpoint._sha256\n"
+        "checkpoint._sha256 = lambda p: calls.__setitem__(0, calls[0] + 1) or real(p)\n"
+        "atexit.register(lambda: open(os.environ['HASH_LOG'] + os.environ['RANK'], 'w').write(str(calls[0])))\n"
+        "train.main(sys.argv[1:])\n")
+
     def launch(run, nproc, batch, steps, resume=False):
         args = small(shards, run, "--max-steps", str(steps), "data.num_workers=1", "data.streams=2", "logging.every=1",
-                     "checkpoint.every=3", f"optim.batch_size={batch}", *(["--resume", "latest"] if resume else []))
-        torchrun(args, {"ACCELERATE_USE_CPU": "true"}, nproc=nproc)
+                     "checkpoint.every=3", f"optim.batch_size={batch}", f"validation.shards={held_out}",
+                     "validation.every=3", "validation.num_samples=10", "validation.batch_size=4", "validation.bins=4",
+                     *(["--resume", "latest"] if resume else []))
+        torchrun(args, {"ACCELERATE_USE_CPU": "true", "HASH_LOG": str(run) + ".hashes."}, nproc=nproc, script=hashing)
 
     def curve(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    def val(run):
+        return {m["step"]: m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                if "val_loss" in m}
 
     def positions(run):
         from pipeline.checkpoint import load_data_state
@@ -561,3 +588,13 @@ def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, 
         assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in ref], rel=1e-5), name
         assert [m["caption_dropout_rate"] for m in got] == [m["caption_dropout_rate"] for m in ref]
         assert positions(run) == positions(straight)
+        if name == "one_then_two":  # the resumed 2-process run: only rank 0 hashed (checked, then wrote) checkpoints
+            hashes = [int(Path(f"{run}.hashes.{r}").read_text()) for r in (0, 1)]
+            assert hashes[1] == 0 and hashes[0] > 10, hashes
+        got, ref = val(run), val(straight)
+        assert sorted(got) == sorted(ref) == [0, 3, 6]
+        for step in ref:
+            assert got[step].keys() == ref[step].keys() and "val_loss/t250-499" in ref[step]
+            assert got[step]["val_loss"] == pytest.approx(ref[step]["val_loss"], rel=1e-5)
+            bins = [v for k, v in ref[step].items() if k.startswith("val_loss/")]
+            assert len(bins) == 4 and min(bins) < ref[step]["val_loss"] < max(bins)
