@@ -110,6 +110,24 @@ def check_manifest(manifest: dict, vae_identity: dict | None, resolution: int, w
                          f"precompute again: python pipeline/precompute.py latents --config CFG --out NEW_DIR")
 
 
+# The image transform a latent precompute applied once; on latent shards these data settings cannot apply again.
+TRANSFORM_KEYS = ("resize_filter", "min_size", "max_aspect", "caption_keys")
+
+
+def check_transform(manifest: dict, data, where: str = "data.shards") -> list[str]:
+    """Refuse a run whose image-transform settings contradict the ones the latents were made with (they would be
+    silently ignored: the images were resized, filtered and captioned at precompute time). Returns warnings for
+    settings that cannot be checked (a manifest that does not record them)."""
+    made = manifest.get("transform") or {}
+    diff = {k: (made[k], getattr(data, k)) for k in TRANSFORM_KEYS if k in made and made[k] != getattr(data, k)}
+    if diff:
+        raise ValueError(f"{where} holds latents made with other image settings: {diff} (shards, run). Those settings "
+                         f"applied when the latents were made and cannot apply again: set them as the manifest says, "
+                         f"or precompute again with the new ones")
+    return [f"{where}: data.{k} cannot be checked against the latents (their manifest does not record it) and does "
+            f"not apply to them" for k in TRANSFORM_KEYS if k not in made]
+
+
 def write_json_atomic(path: Path, obj):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))

@@ -472,8 +472,12 @@ class Loader:
         if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
             raise ValueError(f"data.flip=true but the latent shards {cfg.shards!r} hold no mirrored latents: set "
                              f"data.flip=false, or precompute them again with --flip")
-        if self.manifest is not None and cfg.crop == "random" and rank == 0:
-            log.warning("data.crop=random on latent shards: each image keeps the one crop it was encoded with")
+        if self.manifest is not None:
+            for warning in latent_shards.check_transform(self.manifest, cfg):
+                if rank == 0:
+                    log.warning(warning)
+            if cfg.crop == "random" and rank == 0:
+                log.warning("data.crop=random on latent shards: each image keeps the one crop it was encoded with")
         streams = cfg.streams
         if state is not None:
             self._check_state(state)

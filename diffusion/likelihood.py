@@ -179,7 +179,8 @@ def _log_bin_probability(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
 @torch.no_grad()
 def elbo(model: ModelFn, diffusion: GaussianDiffusion, x0: torch.Tensor, cond: Any = None,
          timesteps: int | None = None, decoder: str = "discrete", variance: str = "posterior",
-         bin_width: float = 2.0 / 255.0, generators: Generators = None) -> dict:
+         bin_width: float = 2.0 / 255.0, generators: Generators = None, decoder_variance: str = "beta",
+         clip_x0: bool = False) -> dict:
     """The negative ELBO −log p(x_0) ≤ L_T + Σ_{t≥1} L_{t−1} + L_0, in nats per example (Ho et al. 2020, eq. 5).
 
     Steps are 0-based as everywhere here (index t is the papers' t+1):
@@ -188,17 +189,19 @@ def elbo(model: ModelFn, diffusion: GaussianDiffusion, x0: torch.Tensor, cond: A
       p_θ = N(μ̃(x_t, x̂_0), σ_t²), σ_t² = β̃_t (``posterior``, the sampler's) or β_t (``beta``). The sum is exact with
       ``timesteps=None``; otherwise one t per stratum of :func:`strata`, drawn uniformly, weighted by the stratum's
       size: unbiased, its variance in the reported standard error;
-    - L_0 = −log p_θ(x_0 | x_{t=0}), p_θ = N(x̂_0, β_0) (Ho et al. 2020: σ_1² = β_1), ``discrete``: the probability
-      of x_0's bin of width ``bin_width`` (8-bit pixels in [−1, 1]: 2/255, edge bins open), ``continuous``: the
-      density (latents, or data that are not quantised).
+    - L_0 = −log p_θ(x_0 | x_{t=0}), p_θ = N(x̂_0, σ²) with σ² = β_0 (``decoder_variance="beta"``: Ho et al. 2020's
+      σ_1² = β_1) or β̃ of the next step (``"posterior"``: improved-diffusion's clipped log-variance, what its and
+      DDPM's published bits/dim use); ``discrete``: the probability of x_0's bin of width ``bin_width`` (8-bit pixels
+      in [−1, 1]: 2/255, edge bins open), ``continuous``: the density (latents, or data that are not quantised).
+    ``clip_x0``: x̂_0 clipped to [−1, 1] in every term (improved-diffusion's ``clip_denoised``, for pixels).
     ``generators`` (one per example) draw the timesteps and the noise.
 
     Returns float64 (B,) tensors in nats: "total", "prior", "diffusion", "decoder".
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; allowed values: {', '.join(DECODERS)}")
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; allowed values: {', '.join(VARIANCES)}")
+    if variance not in VARIANCES or decoder_variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r} / {decoder_variance!r}; allowed: {', '.join(VARIANCES)}")
     b, dev = x0.shape[0], x0.device
     x = x0.double()
     dims = tuple(range(1, x.ndim))
@@ -208,7 +211,8 @@ def elbo(model: ModelFn, diffusion: GaussianDiffusion, x0: torch.Tensor, cond: A
         noise = _randn(x.shape, generators, dev, torch.float64)
         xt = diffusion.q_sample(x, t, noise)
         raw = model(xt.to(x0.dtype), t, cond).double()
-        return xt, diffusion.split_output(raw, xt, t)[1]
+        x0_hat = diffusion.split_output(raw, xt, t)[1]
+        return xt, x0_hat.clamp(-1, 1) if clip_x0 else x0_hat
 
     ab_last = float(diffusion.alphas_cumprod[-1])
     prior = 0.5 * (ab_last * x.pow(2) - ab_last - math.log1p(-ab_last)).sum(dims)
@@ -225,7 +229,9 @@ def elbo(model: ModelFn, diffusion: GaussianDiffusion, x0: torch.Tensor, cond: A
         kl_sum += (hi - lo) * kl.sum(dims)
 
     _, x0_hat = run(torch.zeros(b, dtype=torch.long, device=dev))
-    std = torch.tensor(float(diffusion.betas[0]), dtype=torch.float64).sqrt()
+    var0 = diffusion.betas[0] if decoder_variance == "beta" or diffusion.num_steps < 2 else \
+        diffusion.posterior_variance[1]
+    std = torch.tensor(float(var0), dtype=torch.float64, device=dev).sqrt()
     if decoder == "discrete":
         dec = -_log_bin_probability(x, x0_hat, std, bin_width / 2).sum(dims)
     else:

@@ -26,6 +26,7 @@ from diffusion.likelihood import elbo, ode_log_likelihood
 
 LOG2_127_5 = math.log2(127.5)  # the Jacobian of k ↦ k/127.5 − 1, per dimension, in bits
 METHODS = ("ode", "elbo", "both")
+CONVENTIONS = ("ho2020", "improved_diffusion")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class LikelihoodOptions:
     solver: str = "dopri5"
     elbo_timesteps: int | None = None  # None: all T − 1 KL terms; K: one per stratum of K
     elbo_variance: str = "posterior"
+    # ho2020: the decoder's σ² = β₁, x̂₀ as predicted (Ho et al. 2020, §3.3); improved_diffusion: σ² = β̃₂ (the clipped
+    # log-variance) and x̂₀ clipped to [−1, 1] in every term: the convention of DDPM's and improved-diffusion's
+    # published CIFAR-10 figures (pixels only)
+    elbo_convention: str = "ho2020"
     seed: int = 0
 
     def __post_init__(self):
@@ -45,6 +50,8 @@ class LikelihoodOptions:
             raise ValueError(f"unknown method {self.method!r}; allowed values: {', '.join(METHODS)}")
         if self.probes < 0:
             raise ValueError(f"probes must be >= 0 (0 = exact trace), got {self.probes}")
+        if self.elbo_convention not in CONVENTIONS:
+            raise ValueError(f"unknown ELBO convention {self.elbo_convention!r}; allowed: {', '.join(CONVENTIONS)}")
         if self.elbo_timesteps is not None and self.elbo_timesteps < 1:
             raise ValueError(f"elbo_timesteps must be >= 1 (or None for all), got {self.elbo_timesteps}")
         try:
@@ -64,9 +71,10 @@ def generators(seed: int, indices: list[int], stream: int) -> list[torch.Generat
 
 
 def dequantize(k: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-    """uint8 images (B, C, H, W) → float32 in [−1 − 1/255, 1 + 1/255): uniform noise over each value's bin."""
-    u = torch.stack([torch.rand(k.shape[1:], generator=g, dtype=torch.float64) for g in gens])
-    return ((k.double() + u - 0.5) / 127.5 - 1).float().to(k.device)
+    """uint8 images (B, C, H, W) → float32 in [−1 − 1/255, 1 + 1/255): uniform noise over each value's bin. The
+    noise is drawn by the images' (CPU) generators and moved to the images' device before it meets them."""
+    u = torch.stack([torch.rand(k.shape[1:], generator=g, dtype=torch.float64) for g in gens]).to(k.device)
+    return ((k.double() + u - 0.5) / 127.5 - 1).float()
 
 
 def batch_bits(model, diffusion, images_uint8: torch.Tensor, indices: list[int], cond, opts: LikelihoodOptions,
@@ -90,8 +98,13 @@ def batch_bits(model, diffusion, images_uint8: torch.Tensor, indices: list[int],
         for row, lp in zip(rows, out["log_px"].tolist()):
             row.update(bits_per_dim=-lp / (dims * math.log(2)) + offset, nfe=out["nfe"])
     if opts.method in ("elbo", "both"):
+        if vae is not None and opts.elbo_convention == "improved_diffusion":
+            raise ValueError("the improved_diffusion ELBO convention clips x̂₀ to the pixel range: it has no meaning "
+                             "for a latent model (use ho2020)")
+        clipped = opts.elbo_convention == "improved_diffusion"
         out = elbo(model, diffusion, x_elbo, cond, timesteps=opts.elbo_timesteps, decoder=decoder,
-                   variance=opts.elbo_variance, generators=generators(opts.seed, indices, 3))
+                   variance=opts.elbo_variance, generators=generators(opts.seed, indices, 3),
+                   decoder_variance="posterior" if clipped else "beta", clip_x0=clipped)
         for row, nats in zip(rows, out["total"].tolist()):
             row["elbo_bits_per_dim"] = nats / (dims * math.log(2))
     return rows

@@ -294,7 +294,13 @@ def nll_settings(args, meta: dict, vae, conditioning: str) -> dict:
     if args.method in ("elbo", "both"):
         t = args.elbo_timesteps
         out["elbo"] = {"kl_terms": "all" if t is None else f"{t} strata, one timestep each, weighted by size",
-                       "variance": args.elbo_variance, "decoder": "continuous" if vae is not None else "discretised"}
+                       "variance": args.elbo_variance, "decoder": "continuous" if vae is not None else "discretised",
+                       "convention": args.elbo_convention, "decoder_variance": "β̃₂ (clipped log-variance)" if
+                       args.elbo_convention == "improved_diffusion" else "β₁", "x0_clipped":
+                       args.elbo_convention == "improved_diffusion"}
+    if args.method in ("ode", "both"):
+        out["ode"]["convention"] = "score_sde-style: uniform dequantisation within each 8-bit bin" if vae is None \
+            else "the latents' density (continuous)"
     return out
 
 
@@ -303,7 +309,7 @@ def likelihood_options(args):
 
     return LikelihoodOptions(method=args.method, probes=args.probes, probe=args.probe, rtol=args.rtol, atol=args.atol,
                              solver=args.solver, elbo_timesteps=args.elbo_timesteps, elbo_variance=args.elbo_variance,
-                             seed=args.seed)
+                             elbo_convention=args.elbo_convention, seed=args.seed)
 
 
 def cmd_nll(args) -> dict:
@@ -537,6 +543,9 @@ def likelihood_args(sp) -> None:
                     "T−1 KL terms from K strata, one timestep each (default: all of them, T network calls per image)")
     sp.add_argument("--elbo-variance", choices=["posterior", "beta"], default="posterior",
                     help="ELBO: reverse-step variance β̃_t (the sampler's) or β_t")
+    sp.add_argument("--elbo-convention", choices=["ho2020", "improved_diffusion"], default="ho2020",
+                    help="ELBO: decoder σ² = β₁ with x̂₀ as predicted (Ho et al. 2020), or σ² = β̃₂ with x̂₀ clipped "
+                         "(what DDPM's and improved-diffusion's published bits/dim use; pixels only)")
 
 
 COMMANDS = {"fid": cmd_fid, "ref-stats": cmd_ref_stats, "clip-score": cmd_clip_score, "run": cmd_run, "nll": cmd_nll}

@@ -4,6 +4,7 @@ from them (same loss as live encoding, exact resume), sampling and evaluation th
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -377,6 +378,25 @@ def test_precompute_refuses_folders_it_would_damage_and_redoes_shards_it_could_n
     assert changed == ["00007.tar"] and json.loads((out / "manifest.json").read_text())["samples"] == 128
 
 
+def test_settings_that_cannot_be_checked_on_latent_shards_are_warned_about(env, tmp_path, caplog):
+    import logging
+
+    from data import DataConfig, Loader
+
+    copy = tmp_path / "old"
+    shutil.copytree(env["latents"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["transform"]  # a manifest from before the transform was recorded
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="data.loader"):
+        Loader(DataConfig(shards=str(copy), resolution=RES, num_workers=0), 4)
+    assert "data.resize_filter cannot be checked against the latents" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="data.loader"):
+        Loader(DataConfig(shards=env["latents"], resolution=RES, num_workers=0), 4)  # the same settings: silent
+    assert "cannot be checked" not in caplog.text
+
+
 def test_latent_shards_need_their_manifest(env, tmp_path):
     """Shards copied without manifest.json (or behind URLs) are latents all the same: a clear error, or the manifest
     named by data.latent_manifest."""
@@ -501,6 +521,11 @@ BAD_RUNS = {
     "flip_without_flipped": ("noflip", ["data.flip=true"], "hold no mirrored latents"),
     "bad_dtype": ("images", ["autoencoder.dtype=fp8"], "autoencoder.dtype must be"),
     "out_channels": ("latents", ["model.overrides.out_channels=3"], "predicts 3 channels but its input has 4"),
+    # image settings the latents were made with cannot apply again: a contradicting one is refused, not ignored
+    "resize_filter": ("latents", ["data.resize_filter=lanczos"], "'resize_filter': ('bicubic', 'lanczos')"),
+    "min_size": ("latents", ["data.min_size=12"], "'min_size': (0, 12)"),
+    "max_aspect": ("latents", ["data.max_aspect=1.5"], "other image settings"),
+    "caption_keys": ("latents", ["data.caption_keys=[json.caption]"], "'caption_keys'"),
 }
 
 

@@ -293,7 +293,7 @@ def test_latent_recipes(case, data, shards, tmp_path):
     res = accelerate_launch(case.launch, ROOT / "pipeline" / "train.py", [*args, "--max-steps", "2"])
     log = res.stdout + res.stderr
     check_run(run, case, 2, log)
-    assert f"{'latent' if data == 'latents' else 'image'} shards; latent space of {vae}" in log
+    assert f"{'latent' if data == 'latents' else 'image'} shards, 2 streams" in log and f"latent space of {vae}" in log
     assert (run / "model" / "vae" / "config.json").is_file()
     if case.config == "finetune_sd.yaml":
         assert json.loads((run / "model" / "config.json").read_text())["model_family"] == "diffusers"
