@@ -69,6 +69,15 @@ def select_backend(requested: str, device: torch.device) -> str:
                        f"this PyTorch and CUDA, or use attention='auto' / 'sdpa'")
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast computes in on x's device, or x's own dtype when autocast is off there (or the device has
+    no autocast, as PyTorch's meta device, which the device checks run on)."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 def _log_once(backend: str) -> None:
     if backend not in _logged:
         _logged.add(backend)

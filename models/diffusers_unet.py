@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .attention import select_backend
+from .attention import autocast_dtype, select_backend
 
 # Stable Diffusion 1.x (runwayml/stable-diffusion-v1-5's unet/config.json): 860M parameters.
 SD1_UNET = {
@@ -145,5 +145,5 @@ class DiffusersUNet(nn.Module):
             raise ValueError(f"expected {self.cfg.in_channels} input channels, got {x.shape[1]}")
         self._use_backend(x.device)
         # autocast runs the projections in its own dtype; outside it (DeepSpeed's bf16 weights) the tokens follow x
-        ctx_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        ctx_dtype = autocast_dtype(x)
         return self.unet(x, t, encoder_hidden_states=cond["tokens"].to(ctx_dtype), return_dict=False)[0]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import attention
+from .attention import attention, autocast_dtype
 from .layers import PointwiseConv, UpsampleConv, is_channels_last
 from .norm_act import group_norm_silu
 
@@ -215,7 +215,7 @@ class UNet(nn.Module):
         ctx = mask = None
         if cond is not None:
             # once here, not in every attention block's key/value projection (autocast does not cache activations)
-            ctx_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            ctx_dtype = autocast_dtype(x)
             ctx, mask = cond["tokens"].to(ctx_dtype), cond.get("mask")
             if self.pooled_embed is not None and cond.get("pooled") is not None:
                 emb = emb + self.pooled_embed(cond["pooled"].to(x.dtype))

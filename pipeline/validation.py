@@ -11,6 +11,7 @@ over the samples whose t lies in each of ``bins`` equal ranges: where the model 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -116,7 +117,7 @@ class Validation:
             cond = {k: v.to(self.device) for k, v in self.encoder.encode(self.captions[sl]).items()}
             cond = {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
             x0, t, noise = (v[sl].to(self.device) for v in (self.x0, self.t, self.noise))
-            with autocast() if autocast is not None else torch.autocast(self.device.type, enabled=False):
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 losses = self.diffusion.training_losses(net, x0, cond, t=t, noise=noise)["loss"].float().cpu()
             if c < chunks:
                 rows += list(zip(range(sl.start, sl.stop), losses.tolist()))

@@ -39,7 +39,7 @@ def test_the_check_catches_cpu_tensors_meeting_device_tensors():
 
 @pytest.mark.parametrize("convention", [("beta", False), ("posterior", True)])
 def test_elbo_runs_on_the_models_device(convention):
-    d = GaussianDiffusion.from_config(DiffusionConfig(num_steps=20))
+    d = GaussianDiffusion.from_config(DiffusionConfig(num_steps=50))
     x = torch.zeros(2, 3, 8, 8, device=META)
     out = elbo(_meta_model(), d, x, _cond(2), timesteps=3, generators=generators(0, [0, 1], 3),
                decoder_variance=convention[0], clip_x0=convention[1])
@@ -54,12 +54,12 @@ def test_the_odes_drift_runs_on_the_models_device(monkeypatch, trace):
 
     calls = []
 
-    def one_step(f, y0, t, **kw):
-        calls.append(f(t[0], y0))
+    def one_step(f, y0, t, **kw):  # t lives on the data's device (meta: no value); the drift reads σ as a float
+        calls.append(f(torch.tensor(0.5), y0))
         return tuple(torch.stack([y, y]) for y in y0)
 
     monkeypatch.setattr(torchdiffeq, "odeint", one_step)
-    d = GaussianDiffusion.from_config(DiffusionConfig(num_steps=20, prediction="v"))
+    d = GaussianDiffusion.from_config(DiffusionConfig(num_steps=50, prediction="v"))
     x = torch.zeros(2, 3, 8, 8, device=META)
     out = ode_log_likelihood(_meta_model(), d, x, _cond(2), trace=trace, generators=generators(0, [0, 1], 2))
     assert out["log_px"].device == META
