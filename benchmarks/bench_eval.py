@@ -75,7 +75,8 @@ def main():
         env = {**os.environ, "TORCH_HOME": str(tmp)}  # torch.hub.get_dir() = $TORCH_HOME/hub
         print(f"{torch.get_num_threads()} threads, {args.images} + {args.images} images of {args.size} px")
 
-        from pipeline.evaluate import InceptionExtractor, extract, list_images, load_folder
+        from data.folders import list_images, load_folder
+        from pipeline.evaluate import InceptionExtractor, extract
 
         extractor = InceptionExtractor(str(weights), "cpu")
         t = time.perf_counter()

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from diffusion.likelihood import ode_log_likelihood  # noqa: E402
 from metrics.likelihood import LOG2_127_5, LikelihoodOptions, batch_bits, dequantize, generators, summarize  # noqa: E402
 from pipeline.checkpoint import load_exported  # noqa: E402
-from pipeline.evaluate import labelled_images  # noqa: E402
+from data.folders import labelled_images  # noqa: E402
 from pipeline.generate import cond_to  # noqa: E402
 
 

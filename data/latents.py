@@ -18,12 +18,11 @@ Arrays are stored as ``.npy``/``.npz`` and read with ``allow_pickle=False``: a s
 from __future__ import annotations
 
 import io
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
+from .files import read_json
 from .images import BadSample
 
 KIND = "latents"
@@ -126,16 +125,3 @@ def check_transform(manifest: dict, data, where: str = "data.shards") -> list[st
                          f"or precompute again with the new ones")
     return [f"{where}: data.{k} cannot be checked against the latents (their manifest does not record it) and does "
             f"not apply to them" for k in TRANSFORM_KEYS if k not in made]
-
-
-def write_json_atomic(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None

@@ -27,6 +27,8 @@ from diffusion.likelihood import elbo, ode_log_likelihood
 LOG2_127_5 = math.log2(127.5)  # the Jacobian of k ↦ k/127.5 − 1, per dimension, in bits
 METHODS = ("ode", "elbo", "both")
 CONVENTIONS = ("ho2020", "improved_diffusion")
+# torchdiffeq's adaptive-step methods (its documented `method` names; tests/test_likelihood.py runs each)
+ADAPTIVE_SOLVERS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
 @dataclass
@@ -54,13 +56,9 @@ class LikelihoodOptions:
             raise ValueError(f"unknown ELBO convention {self.elbo_convention!r}; allowed: {', '.join(CONVENTIONS)}")
         if self.elbo_timesteps is not None and self.elbo_timesteps < 1:
             raise ValueError(f"elbo_timesteps must be >= 1 (or None for all), got {self.elbo_timesteps}")
-        try:
-            from torchdiffeq._impl.odeint import SOLVERS  # its registry: a fixed-step solver would ignore rtol/atol
-        except ImportError:
-            return
-        adaptive = [name for name, cls in SOLVERS.items() if hasattr(cls, "_adaptive_step")]
-        if self.solver not in adaptive:
-            raise ValueError(f"unknown or fixed-step solver {self.solver!r}; adaptive solvers: {', '.join(adaptive)}")
+        if self.solver not in ADAPTIVE_SOLVERS:  # a fixed-step solver would ignore rtol/atol
+            raise ValueError(f"unknown or fixed-step solver {self.solver!r}; adaptive solvers: "
+                             f"{', '.join(ADAPTIVE_SOLVERS)}")
 
 
 def generators(seed: int, indices: list[int], stream: int) -> list[torch.Generator]:
@@ -122,3 +120,28 @@ def summarize(rows: list[dict]) -> dict:
     if nfe:
         out["ode_evaluations_mean"] = float(np.mean(nfe))
     return out
+
+
+def dataset_bits(model, encoder, diffusion, vae, samples: list[tuple[np.ndarray, str]], opts: LikelihoodOptions,
+                 batch_size: int, rank: int = 0, world: int = 1, device="cpu", gather=None, progress: bool = True) -> dict:
+    """Bits/dim of ``samples`` ((uint8 image (R, R, 3), caption) pairs): fixed batches of consecutive images, this
+    process taking every ``world``-th from ``rank`` on, per-image rows joined by ``gather`` (a list all-gather, given
+    by the job when it runs on several processes), then means and standard errors over images (:func:`summarize`).
+    Returns {…summary, "images": per-image rows}."""
+    from tqdm import tqdm
+
+    def net(x, t, c):
+        return model(x, t, c).float()
+
+    starts = list(range(0, len(samples), batch_size))
+    rows = []
+    for start in tqdm(starts[rank::world], desc="likelihood", unit="batch", disable=not progress):
+        chunk = samples[start:start + batch_size]
+        images = torch.from_numpy(np.stack([im for im, _ in chunk])).permute(0, 3, 1, 2).to(device)
+        cond = {k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device)
+                for k, v in encoder.encode([c for _, c in chunk]).items()}
+        rows += batch_bits(net, diffusion, images, list(range(start, start + len(chunk))), cond, opts, vae)
+    if gather is not None:
+        rows = gather(rows)
+    rows = sorted(rows, key=lambda r: r["index"])
+    return {**summarize(rows), "images": rows}

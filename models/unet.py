@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import attention, autocast_dtype
-from .layers import PointwiseConv, UpsampleConv, is_channels_last
+from .layers import UpsampleConv, is_channels_last
 from .norm_act import group_norm_silu
 
 
@@ -77,7 +77,7 @@ class ResBlock(nn.Module):
         self.norm2 = _norm(cout)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # p = 0 would still store a mask
         self.conv2 = _zero(nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Identity() if cin == cout else PointwiseConv(cin, cout)
+        self.skip = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
 
     def forward(self, x, emb, ctx=None, mask=None):
         h = self.conv1(group_norm_silu(x, self.norm1))

@@ -27,17 +27,11 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from data.files import read_json, write_json_atomic
+
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 CHECKSUMS = "checksums.json"
-
-
-def read_json(path: Path):
-    """A JSON file the project wrote; a damaged one is a ValueError naming it."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is damaged (not valid JSON: {e})") from None
 
 
 def read_safetensors(path: Path, device: str = "cpu") -> dict:
@@ -62,7 +56,7 @@ def write_checksums(folder: Path):
     """SHA-256 of every file below ``folder`` (relative paths), for recognising damage later."""
     sums = {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
             if p.is_file() and p.name != CHECKSUMS}
-    _atomic_json(folder / CHECKSUMS, sums)
+    write_json_atomic(folder / CHECKSUMS, sums)
 
 
 def damaged_files(folder: Path) -> list[str]:
@@ -116,12 +110,6 @@ def remove_partial(ckpt_dir: Path):
         shutil.rmtree(p, ignore_errors=True)
 
 
-def _atomic_json(path: Path, obj):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(accelerator, ckpt_dir: Path, step: int, ema, loader, train_state: dict, keep_last: int,
                     rank_info: dict | None = None) -> Path:
     """Collective: every rank calls it. ``rank_info`` (JSON) is stored beside this rank's data position.
@@ -134,11 +122,11 @@ def save_checkpoint(accelerator, ckpt_dir: Path, step: int, ema, loader, train_s
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     (tmp / "data").mkdir(exist_ok=True)
-    _atomic_json(tmp / "data" / f"rank{accelerator.process_index}.json", {**loader.state_dict(), **(rank_info or {})})
+    write_json_atomic(tmp / "data" / f"rank{accelerator.process_index}.json", {**loader.state_dict(), **(rank_info or {})})
     if accelerator.is_main_process:
         if ema is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, str(tmp / "ema.safetensors"))
-        _atomic_json(tmp / "train_state.json", {**train_state, "step": step})
+        write_json_atomic(tmp / "train_state.json", {**train_state, "step": step})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_checksums(tmp)  # every rank's files are written (the barrier above)

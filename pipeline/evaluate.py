@@ -23,7 +23,6 @@ image's caption, or on "" with --unconditional; guidance is not a likelihood and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import sys
@@ -36,64 +35,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.images import BadSample, decode_image, resize_crop  # noqa: E402
+from data.files import write_csv  # noqa: E402
+from data.folders import (captions_for_images, held_out_captions, labelled_images, list_images,  # noqa: E402
+                          load_folder, load_shards)
 from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
 from metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats  # noqa: E402
 from metrics.prdc import precision_recall  # noqa: E402
 from metrics.toy_attributes import attribute_accuracy  # noqa: E402
 
 log = logging.getLogger("evaluate")
-IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"}  # pytorch-fid's list
 
 
 # --- images in, features out ---------------------------------------------------------------------------------------
-
-def list_images(folder: str | Path) -> list[Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS)
-    if not files:
-        raise ValueError(f"{folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return files
-
-
-def load_folder(files: list[Path], skipped: Counter):
-    """(index, PIL RGB image) for every readable file; unreadable ones are counted, not fatal. Transparency is
-    dropped, as pytorch-fid and clean-fid read a folder (PIL's convert("RGB")), so FIDs of one folder agree; 16-bit
-    images are rescaled where they clip to white."""
-    for i, path in enumerate(files):
-        try:
-            yield i, decode_image(path.read_bytes(), alpha="drop")
-        except BadSample as bad:
-            skipped[bad.reason] += 1
-            log.warning("skipping %s: %s", path, bad)
-
-
-def load_shards(spec: str, resolution: int, limit: int, skipped: Counter, captions: bool = False):
-    """(index, PIL image resized and centre-cropped like the training data[, caption]) from shards, up to ``limit``
-    samples (with ``captions``: only samples whose caption reads, as the training loader would take them)."""
-    from PIL import Image
-
-    from data.loader import IMAGE_KEYS, caption_of, read_shard, resolve_shards
-
-    n = 0
-    for url in resolve_shards(spec):
-        for raw in read_shard(url, skipped):
-            if n >= limit:
-                return
-            ext = next((k for k in IMAGE_KEYS if k in raw), None)
-            try:
-                if ext is None:
-                    raise BadSample("missing_image")
-                caption = caption_of(raw, ["txt", "json.caption"]) if captions else None
-                arr = resize_crop(decode_image(raw[ext]), resolution)
-            except BadSample as bad:
-                skipped[bad.reason] += 1
-                continue
-            yield (n, Image.fromarray(arr), caption) if captions else (n, Image.fromarray(arr))
-            n += 1
-
 
 def rank_world():
     from accelerate import PartialState
@@ -169,45 +122,6 @@ def stats_of(source: str, extractor, batch_size: int, resolution: int = 64, limi
 
 # --- captions ------------------------------------------------------------------------------------------------------
 
-def read_captions(source: str, limit: int) -> list[str]:
-    """Held-out captions from a text file (one per line), JSONL ("caption" or "prompt") or shards."""
-    path = Path(source)
-    if path.is_file() and path.suffix in (".txt", ".jsonl"):
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        rows = [json.loads(line) for line in lines] if path.suffix == ".jsonl" else None
-        captions = [r.get("caption", r.get("prompt")) for r in rows] if rows else [line.strip() for line in lines]
-    else:
-        from itertools import islice
-
-        from data.loader import read_captions as shard_captions
-
-        captions = list(islice(shard_captions(source, ["txt", "json.caption"], Counter()), limit))
-    captions = [c for c in captions if c is not None]
-    if not captions:
-        raise ValueError(f"no captions in {source}")
-    return captions[:limit]
-
-
-def captions_for_images(files: list[Path], captions_file: str | None) -> list[str]:
-    """The caption of each image: from a JSONL of {"file", "caption"} or same-named .txt files."""
-    if captions_file:
-        table = {}
-        for line in Path(captions_file).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                table[Path(row["file"]).name] = row["caption"] if "caption" in row else row["prompt"]
-        missing = [f.name for f in files if f.name not in table]
-        if missing:
-            raise ValueError(f"{captions_file} has no caption for {len(missing)} of {len(files)} images, e.g. "
-                             f"{missing[:3]}")
-        return [table[f.name] for f in files]
-    missing = [f.name for f in files if not f.with_suffix(".txt").is_file()]
-    if missing:
-        raise ValueError(f"no caption for {len(missing)} of {len(files)} images (e.g. {missing[:3]}): put same-named "
-                         f".txt files beside them or pass --captions FILE.jsonl")
-    return [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in files]
-
-
 # --- subcommands ---------------------------------------------------------------------------------------------------
 
 def cmd_fid(args) -> dict:
@@ -238,45 +152,15 @@ def cmd_clip_score(args) -> dict:
     return {**summarize(cos, scorer.identity), "skipped": dict(skipped)}
 
 
-def labelled_images(spec: str, resolution: int, limit: int, unconditional: bool, captions_file: str | None,
-                    skipped: Counter) -> list[tuple[np.ndarray, str]]:
-    """Up to ``limit`` (uint8 (R, R, 3) image resized and centre-cropped like the training data, caption) pairs from a
-    folder or shards; unreadable images are counted in ``skipped``. Captions are "" when ``unconditional``."""
-    if ".tar" in spec or "{" in spec:
-        samples = [(np.asarray(im), "" if unconditional else c)
-                   for _, im, c in load_shards(spec, resolution, limit, skipped, captions=True)]
-    else:
-        files = list_images(spec)[:limit]
-        captions = [""] * len(files) if unconditional else captions_for_images(files, captions_file)
-        samples = [(resize_crop(im, resolution), captions[i]) for i, im in load_folder(files, skipped)]
-    if not samples:
-        raise ValueError(f"{spec}: no readable images (skipped: {dict(skipped) or 'none'})")
-    return samples
+def likelihood(model, encoder, diffusion, vae, samples, opts, batch_size: int, rank: int, world: int, device,
+               progress: bool = True) -> dict:
+    """metrics.likelihood.dataset_bits over this job's processes (their per-image rows gathered)."""
+    from metrics.likelihood import dataset_bits
 
-
-def likelihood(model, encoder, diffusion, vae, samples: list[tuple[np.ndarray, str]], opts, batch_size: int,
-               rank: int, world: int, device, progress: bool = True) -> dict:
-    """Bits/dim of ``samples``: batches of consecutive images dealt to processes round-robin, per-image rows
-    gathered, means and standard errors over images (metrics.likelihood)."""
-    from metrics.likelihood import batch_bits, summarize
-    from pipeline.generate import cond_to
-
-    def net(x, t, c):
-        return model(x, t, c).float()
-
-    starts = list(range(0, len(samples), batch_size))
-    rows = []
-    for start in tqdm(starts[rank::world], desc="likelihood", unit="batch", disable=not progress):
-        chunk = samples[start:start + batch_size]
-        images = torch.from_numpy(np.stack([im for im, _ in chunk])).permute(0, 3, 1, 2).to(device)
-        cond = cond_to(encoder.encode([c for _, c in chunk]), device)
-        rows += batch_bits(net, diffusion, images, list(range(start, start + len(chunk))), cond, opts, vae)
+    gather = None
     if world > 1:
-        from accelerate.utils import gather_object
-
-        rows = gather_object(rows)
-    rows = sorted(rows, key=lambda r: r["index"])
-    return {**summarize(rows), "images": rows}
+        from accelerate.utils import gather_object as gather
+    return dataset_bits(model, encoder, diffusion, vae, samples, opts, batch_size, rank, world, device, gather, progress)
 
 
 def nll_settings(args, meta: dict, vae, conditioning: str) -> dict:
@@ -338,19 +222,10 @@ def cmd_nll(args) -> dict:
             "model_step": meta["step"], "images": args.images, "skipped": dict(skipped)}
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def cmd_run(args) -> dict:
     from pipeline.checkpoint import load_exported
     from pipeline.generate import image_seed
-    from pipeline.sample import Job, run_jobs
+    from pipeline.generate import Job, run_jobs
 
     if args.likelihood < 0:
         raise ValueError(f"--likelihood is a number of images (0 = none), got {args.likelihood}")
@@ -361,7 +236,7 @@ def cmd_run(args) -> dict:
     rank, world, state = rank_world()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    captions = read_captions(args.captions, args.num_images)
+    captions = held_out_captions(args.captions, args.num_images)
     if len(captions) < args.num_images:
         log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)

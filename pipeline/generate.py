@@ -8,9 +8,14 @@ up to the rounding of kernels that differ by batch size: tests/test_gpu.py).
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from pathlib import Path
 
-from diffusion import GaussianDiffusion, Guidance, sample
+import torch
+from tqdm import tqdm
+
+from diffusion import DEFAULT_STEPS, GaussianDiffusion, Guidance, sample
+from diffusion.samplers import DEFAULT_SPACING
 from data.loader import hash_seed
 
 
@@ -60,3 +65,85 @@ def cond_to(cond: dict, device, dtype=torch.float32) -> dict:
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → uint8 (rounded, as PIL would store them)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+# --- many images: jobs, written as PNGs with their metadata (sample.py, the evaluation job, the human study) ----
+
+@dataclass
+class Job:
+    """One image to make."""
+
+    prompt_index: int
+    image_index: int
+    prompt: str
+    negative: str
+    seed: int
+    guidance: float
+
+    @property
+    def name(self) -> str:
+        return f"p{self.prompt_index:05d}_g{self.guidance:g}_i{self.image_index:03d}.png"
+
+
+def make_jobs(prompts: list[dict], guidances: list[float], num_images: int, seed: int, negative: str) -> list[Job]:
+    jobs = []
+    for pi, row in enumerate(prompts):
+        for ii in range(num_images):
+            # A JSONL seed is used as is (image k: seed + k), so a metadata line's seed regenerates its image.
+            s = int(row["seed"]) + ii if row.get("seed") is not None else image_seed(seed, pi, ii)
+            for g in guidances:  # the same noise at every guidance scale: columns of the grid compare like with like
+                jobs.append(Job(pi, ii, row["prompt"], row.get("negative_prompt", negative), s, g))
+    return jobs
+
+
+def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_dir: Path, sampler: str,
+             steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
+             skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
+             vae=None, spacing: str | None = None) -> list[dict]:
+    """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata."""
+    from PIL import Image
+
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    mine = [j for j in jobs[rank::world] if not (skip_existing and (images_dir / j.name).is_file())]
+    by_scale: dict[float, list[Job]] = {}
+    for j in mine:
+        by_scale.setdefault(j.guidance, []).append(j)
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(mine), desc=f"sampling ({sampler})", unit="img", disable=not progress)
+    for g, group in by_scale.items():
+        for i in range(0, len(group), batch_size):
+            batch = group[i:i + batch_size]
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
+                                  resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
+                                  steps=steps, channels=model.cfg.in_channels, device=device, vae=vae,
+                                  spacing=spacing)
+            for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
+                tmp = images_dir / (j.name + ".tmp")
+                Image.fromarray(img).save(tmp, format="PNG")
+                tmp.replace(images_dir / j.name)  # a half-written image never has the final name
+            bar.update(len(batch))
+    bar.close()
+    return [{"file": f"images/{j.name}", "prompt": j.prompt, "negative_prompt": j.negative, "seed": j.seed,
+             "guidance": j.guidance, "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler],
+             "spacing": spacing or DEFAULT_SPACING[sampler],
+             "prompt_index": j.prompt_index, "image_index": j.image_index, **(extra_meta or {})} for j in jobs]
+
+
+def save_grid(jobs: list[Job], out_dir: Path, path: Path):
+    """Rows: prompts; columns: guidance scales × images (a grid of the PNGs already written)."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    import numpy as np
+
+    prompts = sorted({j.prompt_index for j in jobs})
+    cols = sorted({(j.guidance, j.image_index) for j in jobs})
+    tiles = []
+    for p in prompts:
+        for g, i in cols:
+            job = next(j for j in jobs if (j.prompt_index, j.guidance, j.image_index) == (p, g, i))
+            tiles.append(torch.from_numpy(np.array(Image.open(out_dir / "images" / job.name).convert("RGB"))))
+    grid = torch.stack(tiles).permute(0, 3, 1, 2).float() / 255
+    save_image(grid, path, nrow=len(cols), padding=2, pad_value=1.0)

@@ -72,7 +72,7 @@ def folder_entries(folder: Path, select: dict | None = None) -> list[dict]:
         entries = [metadata_entry(folder, meta, n, line)
                    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
     else:
-        from pipeline.evaluate import list_images
+        from data.folders import list_images
 
         entries = [{"prompt": f.with_suffix(".txt").read_text(encoding="utf-8").strip(), "file": f}
                    for f in list_images(folder) if f.with_suffix(".txt").is_file()]
@@ -103,9 +103,9 @@ def metadata_entry(folder: Path, meta: Path, n: int, line: str) -> dict:
 
 def study_prompts(args, specs: dict) -> list[str]:
     if args.prompts:
-        from pipeline.evaluate import read_captions
+        from data.folders import held_out_captions
 
-        return read_captions(args.prompts, args.num_prompts)
+        return held_out_captions(args.prompts, args.num_prompts)
     folders = [s for s in specs.values() if s["kind"] == "folder"]
     if not folders:
         raise StudyError("give --prompts (a .txt, .jsonl or shards) for the models to draw")
@@ -164,7 +164,7 @@ def cmd_create(args) -> dict:
                 records.append({**entry, "file": f"images/{rel.name}", "source": str(entry["file"])})
         write_jsonl(records, out / "systems" / name / "metadata.jsonl")
     from pipeline.checkpoint import load_exported
-    from pipeline.sample import Job, run_jobs
+    from pipeline.generate import Job, run_jobs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loaded: dict[str, tuple] = {}
@@ -313,26 +313,18 @@ def plot(result: dict, path: Path) -> None:
 # A text cell starting with one of these is run as a formula by spreadsheets (OWASP, "CSV Injection"); rater names
 # and prompts come from outside, so such a cell gets a leading apostrophe, which spreadsheets show as text and hide.
 # votes.sqlite and results.json keep the text as it was.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-
-
-def spreadsheet_safe(rows: list[dict]) -> list[dict]:
-    return [{k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v for k, v in r.items()}
-            for r in rows]
-
-
 def cmd_results(args) -> dict:
     study = Study(args.study)
     result = analyse(study, args.bootstrap)
     out = Path(args.out) if args.out else study.folder / "results"
     out.mkdir(parents=True, exist_ok=True)
-    from pipeline.evaluate import write_csv
+    from data.files import write_csv
 
-    write_csv(spreadsheet_safe(study.votes()), out / "votes.csv")
-    write_csv(spreadsheet_safe(result["win_rates"]), out / "win_rates.csv")
+    write_csv(study.votes(), out / "votes.csv")
+    write_csv(result["win_rates"], out / "win_rates.csv")
     if result["ranking"]:
-        write_csv(spreadsheet_safe(result["ranking"]), out / "ranking.csv")
-    write_csv(spreadsheet_safe(result["agreement"]), out / "agreement.csv")
+        write_csv(result["ranking"], out / "ranking.csv")
+    write_csv(result["agreement"], out / "agreement.csv")
     (out / "results.json").write_text(json.dumps(result, indent=1))
     if result["win_rates"]:
         plot(result, out / "win_rates.png")

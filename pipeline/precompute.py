@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data import latents as latent_shards  # noqa: E402
+from data.files import read_json, write_json_atomic  # noqa: E402
 from data.loader import FILTERED, SampleTransform, read_captions, read_shard, resolve_shards  # noqa: E402
 from data.images import BadSample  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
@@ -117,7 +118,7 @@ class LatentWriter:
                     flush()
             flush()
         info = {"source": url, "samples": written, "skipped": dict(counts)}
-        latent_shards.write_json_atomic(out.with_suffix(".json"), info)  # before the rename: a done shard has both
+        write_json_atomic(out.with_suffix(".json"), info)  # before the rename: a done shard has both
         tmp.replace(out)
         return info
 
@@ -174,7 +175,7 @@ def shard_done(out: Path, i: int) -> bool:
     info = out / f"{i:05d}.json"
     if not ((out / f"{i:05d}.tar").is_file() and info.is_file()):
         return False
-    return not any(reason in latent_shards.read_json(info)["skipped"] for reason in DAMAGE)
+    return not any(reason in read_json(info)["skipped"] for reason in DAMAGE)
 
 
 def cmd_latents(args, cfg):
@@ -206,7 +207,7 @@ def cmd_latents(args, cfg):
     state.wait_for_everyone()
     if previous is None and state.is_main_process:  # names what the folder holds before any shard is written
         out.mkdir(parents=True, exist_ok=True)
-        latent_shards.write_json_atomic(out / latent_shards.MANIFEST, {**started, "samples": None, "complete": False})
+        write_json_atomic(out / latent_shards.MANIFEST, {**started, "samples": None, "complete": False})
     state.wait_for_everyone()
     if len(todo) < len(urls) and state.is_main_process:
         log.info("%d of %d shards are already written; keeping them", len(urls) - len(todo), len(urls))
@@ -220,9 +221,9 @@ def cmd_latents(args, cfg):
                 "; the source shard is damaged or unreadable: a rerun tries it again" if damage else "")
     state.wait_for_everyone()
     if state.is_main_process:
-        infos = [latent_shards.read_json(out / f"{i:05d}.json") for i in range(len(urls))]
+        infos = [read_json(out / f"{i:05d}.json") for i in range(len(urls))]
         manifest = manifest_of(cfg, vae, text_encoder, args.flip, urls, infos)
-        latent_shards.write_json_atomic(out / latent_shards.MANIFEST, manifest)
+        write_json_atomic(out / latent_shards.MANIFEST, manifest)
         log.info("wrote %d latent samples (%s) in %d shards to %s; skipped %s. Train with data.shards=%s",
                  manifest["samples"], "×".join(map(str, manifest["latent_shape"])), len(urls), out,
                  manifest["skipped"] or "none", out)

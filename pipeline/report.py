@@ -222,7 +222,7 @@ def main(argv=None):
     progress = training_grids(run, out.parent / "training_grids.png")
     if progress:
         lines += ["## During training", "", "The training run's fixed prompts at a fixed seed "
-                  f"(`logging.sample_every`), one grid per step, top to bottom.", "", f"![training]({rel(progress)})",
+                  "(`logging.sample_every`), one grid per step, top to bottom.", "", f"![training]({rel(progress)})",
                   ""]
     if args.eval:
         res = json.loads((Path(args.eval) / "results.json").read_text())

@@ -15,6 +15,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from data.folders import held_out_captions
 from helpers import threads
 from metrics.fid import FID_WEIGHTS_NAME, FeatureStats, frechet_distance, load_stats, save_stats
 from metrics.prdc import precision_recall
@@ -277,7 +278,7 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     # toy captions: per-attribute accuracy of each guidance scale's images, and the real held-out images' row
     from metrics.toy_attributes import ATTRIBUTES, attribute_accuracy
 
-    captions = evaluate.read_captions(str(tmp_path / "held_out" / "00000.tar"), 6)
+    captions = held_out_captions(str(tmp_path / "held_out" / "00000.tar"), 6)
     for r in rows:
         records = [json.loads(line) for line in (out / f"guidance_{r['guidance']:g}" / "metadata.jsonl")
                    .read_text().splitlines()]  # every image with its caption and seed

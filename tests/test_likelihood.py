@@ -217,6 +217,22 @@ def test_elbo_is_the_same_bound_whatever_the_network_predicts(prediction, varian
     assert float(gap.mean()) > -3 * float(gap.std() / math.sqrt(len(gap)))  # a bound (σ² = β_t: a tighter one here)
 
 
+def test_the_adaptive_solvers_named_are_torchdiffeqs_and_adapt():
+    """Every solver the options accept runs in torchdiffeq with a tolerance and meets it on dy/dt = −y; a fixed-step
+    one is refused (it would ignore rtol/atol)."""
+    from torchdiffeq import odeint
+
+    from metrics.likelihood import ADAPTIVE_SOLVERS, LikelihoodOptions
+
+    for name in ADAPTIVE_SOLVERS:
+        y = odeint(lambda t, y: -y, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64),
+                   method=name, rtol=1e-8, atol=1e-10)
+        assert abs(float(y[-1]) - math.exp(-2)) < 1e-6, name
+        LikelihoodOptions(solver=name)
+    with pytest.raises(ValueError, match="fixed-step solver 'rk4'"):
+        LikelihoodOptions(solver="rk4")
+
+
 @pytest.mark.parametrize("convention", ["ho2020", "improved_diffusion"])
 def test_elbo_decoder_follows_its_convention(convention):
     """L_0 against scipy's normal CDF: Ho et al. 2020's σ² = β₁ with x̂₀ as predicted, or improved-diffusion's

@@ -294,26 +294,8 @@ def test_caption_tokens_are_cast_once_under_autocast():
     assert casts == [torch.bfloat16]
 
 
-def test_cpu_fp32_attention_ops_pass_opcheck():
-    """The custom ops behind CPU half-precision attention: schema, fake (meta) kernels and autograd registration
-    agree with the real kernels (torch.library.opcheck), as torch.compile relies on them."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 8, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
-    bias = torch.zeros(2, 1, 1, 8).masked_fill(torch.arange(8) >= 5, float("-inf"))
-    for b in (None, bias):
-        torch.library.opcheck(attn_mod._cpu_attention_fp32, (q, k, v, b))
-    out, lse = attn_mod._cpu_attention_fp32(q, k, v, bias)
-    grad = torch.randn(out.shape, generator=g).bfloat16()
-    # laid out (B, L, H, d), as the (B, L, C) projections read and write them: no transposing copies around them
-    assert out.transpose(1, 2).is_contiguous()
-    assert all(d.transpose(1, 2).is_contiguous() for d in torch.autograd.grad(out, (q, k, v), grad))
-    torch.library.opcheck(attn_mod._cpu_attention_fp32_backward, (grad, q.detach(), k.detach(), v.detach(),
-                                                                  out.detach(), lse.detach(), bias))
-
-
 def test_bf16_autocast_training_step_is_close_to_fp32():
-    """CPU bf16 autocast (AMX where present): output and gradients follow fp32 to bf16 precision; attention on a
-    CPU runs in fp32 inside it."""
+    """CPU bf16 autocast (AMX where present): output and gradients follow fp32 to bf16 precision."""
     m = _randomize(_tiny())
     x, t, c = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), _cond()
     grads, outs = [], []
@@ -328,51 +310,6 @@ def test_bf16_autocast_training_step_is_close_to_fp32():
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()
     assert rel(outs[1], outs[0]) < 0.03
     assert rel(grads[1], grads[0]) < 0.05
-
-
-@pytest.mark.parametrize("lq, lk, in_fp32", [(64, 77, True), (256, 77, True), (256, 256, False), (1024, 77, False)])
-def test_cpu_bf16_attention_kernel_by_sequence_length(lq, lk, in_fp32, monkeypatch):
-    """Below 256 x 256 query-key pairs bf16 attention runs in fp32 (PyTorch's bf16 CPU kernel is slower there);
-    from there on in bf16 (fp32 accumulation). Either way values follow a float64 reference to bf16 precision."""
-    calls = []
-    real = attn_mod._cpu_attention_fp32
-    monkeypatch.setattr(attn_mod, "_cpu_attention_fp32", lambda *a: calls.append(1) or real(*a))
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 1, lq, 8, generator=g).bfloat16()
-    k, v = (torch.randn(1, 1, lk, 8, generator=g).bfloat16() for _ in range(2))
-    mask = torch.arange(lk)[None] < lk - 5
-    out = attention(q, k, v, mask=mask, backend="sdpa")
-    assert bool(calls) == in_fp32
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), naive_attention(q.double(), k.double(), v.double(), mask), atol=2e-2, rtol=0)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_cpu_half_precision_attention_runs_in_fp32(masked):
-    """On a CPU, bf16 attention is computed in fp32 (forward and backward) but keeps only bf16 tensors (and the
-    small fp32 log-sum-exp) for the backward pass; values and gradients follow a float64 reference."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 2, 20, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
-    mask = torch.arange(20)[None].expand(2, -1) < torch.tensor([[7], [20]]) if masked else None
-    full = []  # dtypes of the saved tensors as large as q
-
-    def pack(t):
-        if t.numel() >= q.numel():
-            full.append(t.dtype)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attention(q, k, v, mask=mask, backend="sdpa")
-    assert out.dtype == torch.bfloat16
-    assert full and all(d == torch.bfloat16 for d in full)  # no fp32 copies kept
-    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = naive_attention(*leaves, mask)
-    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)  # only the final rounding to bf16
-    gy = torch.randn(out.shape, generator=g)
-    got = torch.autograd.grad(out, (q, k, v), gy.bfloat16())
-    want = torch.autograd.grad(ref, leaves, gy.double())
-    for a, b in zip(got, want):
-        assert ((a.double() - b).norm() / b.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("base", [40, 72])
