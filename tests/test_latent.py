@@ -275,9 +275,7 @@ def test_latent_shards_with_bad_samples_skip_and_count_them(env, tmp_path):
             sink.write({"__key__": k, **{e: v for e, v in good[k].items() if e != "latent_flip.npy"}})
     manifest = json.loads((Path(env["latents"]) / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**manifest, "flip": False}))
-    # a caption key that only image shards have (json.caption): latent shards carry the caption as txt
-    loader = Loader(DataConfig(shards=str(out), resolution=RES, num_workers=0, shuffle_buffer=0,
-                               caption_keys=["json.caption"]), 1, 0, 1)
+    loader = Loader(DataConfig(shards=str(out), resolution=RES, num_workers=0, shuffle_buffer=0), 1, 0, 1)
     batches = iter(loader)
     got = [next(batches) for _ in keys]
     assert [b.keys[0] for b in got] == keys and all(b.images is None for b in got)
