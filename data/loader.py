@@ -562,6 +562,9 @@ class Loader:
             listed = {k: [x for p in parts for x in p[k]] for k in ("captions", "keys", "epochs")}
             listed = {k: [v[i] for i in order.tolist()] for k, v in listed.items()}
             sizes = _cat(parts, "sizes")[order]
+            if self.pin_memory:  # the reordering made new (pageable) tensors: pin them for non-blocking copies
+                data = data.pin_memory()
+                text = {k: v.pin_memory() for k, v in text.items()} if text is not None else None
             base = self.steps * lay.global_batch + first
             self.steps += 1
             for m in range(lay.grad_accum):

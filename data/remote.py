@@ -46,13 +46,18 @@ class ResumableStream(io.RawIOBase):
         self.length: int | None = None  # the whole body's size, when the server says it
         self._src = None
         self._proc: subprocess.Popen | None = None
+        self._stderr = None  # a pipe command's stderr, in a file: a pipe could fill and stall the command
+        self._failed: RemoteShardError | None = None  # once given up, every later read fails at once
         self._with_retries(self._open)
 
     # -- opening ------------------------------------------------------------------------------------------------
     def _open(self):
         self._close_source()
         if self.url.startswith("pipe:"):
-            self._proc = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            import tempfile
+
+            self._stderr = tempfile.TemporaryFile()
+            self._proc = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE, stderr=self._stderr)
             self._src = self._proc.stdout
             self._discard(self.pos)
             return
@@ -90,12 +95,17 @@ class ResumableStream(io.RawIOBase):
                 self._proc.kill()
             self._proc.wait()
             self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
         self._src = None
 
     # -- retries ------------------------------------------------------------------------------------------------
     def _with_retries(self, action):
         """``action()``, reopening the stream at the current byte and trying again after each transient failure (a
         failed reopen counts as one too), ``retries`` times at most."""
+        if self._failed is not None:
+            raise self._failed
         attempt = 0
         while True:
             try:
@@ -104,12 +114,14 @@ class ResumableStream(io.RawIOBase):
                 return action()
             except (TransientError, ConnectionError, TimeoutError, http.client.HTTPException,
                     urllib.error.URLError) as e:
-                if isinstance(e, urllib.error.HTTPError) and e.code not in TRANSIENT_HTTP:
-                    raise RemoteShardError(f"{self.url}: HTTP {e.code}") from None
                 self._close_source()  # the next try reopens at self.pos
+                if isinstance(e, urllib.error.HTTPError) and e.code not in TRANSIENT_HTTP:
+                    self._failed = RemoteShardError(f"{self.url}: HTTP {e.code}")
+                    raise self._failed from None
                 if attempt == self.retries:
-                    raise RemoteShardError(f"{self.url}: gave up after {self.retries} retries at byte {self.pos} "
-                                           f"({type(e).__name__}: {e})") from None
+                    self._failed = RemoteShardError(f"{self.url}: gave up after {self.retries} retries at byte "
+                                                    f"{self.pos} ({type(e).__name__}: {e})")
+                    raise self._failed from None
                 wait = min(MAX_DELAY, self.delay * 2 ** attempt)
                 attempt += 1
                 self.counts["remote_retries"] += 1
@@ -129,7 +141,8 @@ class ResumableStream(io.RawIOBase):
         if self._proc is not None:
             code = self._proc.wait()
             if code != 0:
-                err = self._proc.stderr.read().decode(errors="replace").strip().splitlines()
+                self._stderr.seek(0)
+                err = self._stderr.read().decode(errors="replace").strip().splitlines()
                 raise TransientError(f"`{self.url[5:]}` exited with {code}" + (f": {err[-1]}" if err else ""))
         elif self.length is not None and self.pos < self.length:
             raise TransientError(f"the body ended before its {self.length} bytes")

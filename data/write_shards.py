@@ -26,6 +26,7 @@ from pathlib import Path
 import webdataset as wds
 from tqdm import tqdm
 
+from .files import write_json_atomic
 from .images import BadSample, decode_image
 from .toy import toy_sample
 
@@ -85,9 +86,7 @@ class ShardWriter:
             log.warning("no sample was written to %s", self.out)
         manifest = {"source": source, "samples": self.count, "num_shards": n, "shards_pattern": pattern,
                     "skipped": dict(skipped), "shards": self.shards}
-        tmp = self.out / "manifest.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, self.out / "manifest.json")
+        write_json_atomic(self.out / "manifest.json", manifest)
         return manifest
 
 

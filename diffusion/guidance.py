@@ -24,6 +24,8 @@ class Guidance:
     rescale: φ ∈ [0, 1] of guidance rescale (Lin et al. 2024, eq. 15–16), applied to the network's output.
     clip_x0: clamp x̂_0 to [−c, c] (pixel diffusion: 1.0). dynamic_threshold: percentile p ∈ (0, 1) of Imagen's
     dynamic thresholding (Saharia et al. 2022): s = max(1, quantile_p |x̂_0|); x̂_0 ← clamp(x̂_0, −s, s) / s.
+    x0_range: (low, high), each (C,): x̂_0 clamped per channel to the data's range (latent diffusion's analogue of
+    pixel clipping: the range of the training latents, as recorded by the latent precompute).
     """
 
     scale: float = 1.0
@@ -31,6 +33,7 @@ class Guidance:
     rescale: float = 0.0
     clip_x0: float | None = None
     dynamic_threshold: float | None = None
+    x0_range: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __post_init__(self):
         if not self.scale >= 0:
@@ -108,10 +111,14 @@ class Denoiser:
         """(ε̂, x̂_0), with x̂_0 clipped / thresholded when asked and ε̂ made consistent with it."""
         eps, x0 = self.diffusion.split_output(self.raw(x, t), x, t)
         g = self.guidance
-        if g.clip_x0 is not None or g.dynamic_threshold is not None:
+        if g.clip_x0 is not None or g.dynamic_threshold is not None or g.x0_range is not None:
             if g.dynamic_threshold is not None:
                 x0 = dynamic_threshold(x0, g.dynamic_threshold)
             if g.clip_x0 is not None:
                 x0 = x0.clamp(-g.clip_x0, g.clip_x0)
+            if g.x0_range is not None:  # per channel: (C,) bounds broadcast over (B, C, ...)
+                shape = (1, -1) + (1,) * (x0.ndim - 2)
+                lo, hi = (b.to(x0.device, x0.dtype).reshape(shape) for b in g.x0_range)
+                x0 = torch.maximum(torch.minimum(x0, hi), lo)
             eps = self.diffusion.eps_from_x0(x, t, x0)
         return eps, x0

@@ -203,7 +203,7 @@ def export_model(out: Path, unet_state: dict, ema_state: dict | None, unet_confi
     text = {k: v for k, v in dataclasses.asdict(text_cfg).items() if k != "cache"}
     if text_cfg.kind == "hf_clip":  # bundled (model + tokenizer): the folder works wherever it is moved
         text_encoder.save(tmp / "text_encoder")
-        text.update(name="text_encoder", config_file=None, source=text_cfg.name)
+        text.update(name="text_encoder", config_file=None, weights=None, source=text_cfg.name)
     elif not text_cfg.pretrained and not text_cfg.weights:  # randomly initialised: ship the weights themselves
         save_file(cpu(text_encoder.state_dict()), str(tmp / "text_encoder.safetensors"))
         text["weights"] = "text_encoder.safetensors"

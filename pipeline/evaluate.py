@@ -188,6 +188,13 @@ def nll_settings(args, meta: dict, vae, conditioning: str) -> dict:
     return out
 
 
+def check_convention(opts, vae):
+    """Refused before anything is generated or measured: improved-diffusion's ELBO clips x̂₀ to the pixel range."""
+    if vae is not None and opts.method in ("elbo", "both") and opts.elbo_convention == "improved_diffusion":
+        raise ValueError("--elbo-convention improved_diffusion clips x̂₀ to the pixel range: it has no meaning for a "
+                         "latent model (use ho2020)")
+
+
 def likelihood_options(args):
     from metrics.likelihood import LikelihoodOptions
 
@@ -208,6 +215,7 @@ def cmd_nll(args) -> dict:
     opts = likelihood_options(args)
     rank, world, state = rank_world()
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
+    check_convention(opts, vae)
     skipped: Counter = Counter()
     samples = labelled_images(args.images, meta["resolution"], args.num_images, args.unconditional, args.captions,
                               skipped)
@@ -240,6 +248,8 @@ def cmd_run(args) -> dict:
     if len(captions) < args.num_images:
         log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
+    if args.likelihood:
+        check_convention(likelihood_options(args), vae)
     nll_samples = None
     if args.likelihood:  # read (and captioned) before anything is generated: a bad reference fails now
         nll_samples = labelled_images(args.ref, meta["resolution"], args.likelihood, False, None, Counter())

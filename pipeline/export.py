@@ -123,9 +123,14 @@ def export_single_file(model_dir: str, out: Path, ema: bool = True, dtype: str =
 
 
 def _replace(tmp: Path, out: Path):
+    """Put the finished folder in place: the previous one is moved aside first and removed last, so an interrupted
+    export leaves one complete folder (the old or the new)."""
+    old = out.with_name(out.name + ".old")
     if out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
     os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv=None):
@@ -138,6 +143,9 @@ def main(argv=None):
             raise ValueError(f"--out {out}: a single file is written as .safetensors")
         if out.exists() and not args.overwrite:
             raise ValueError(f"--out {out} exists: choose another path, or pass --overwrite")
+        if out.exists() and out.is_dir() != (args.format == "diffusers"):
+            raise ValueError(f"--out {out} is a {'folder' if out.is_dir() else 'file'}: a {args.format} export "
+                             f"writes a {'folder' if args.format == 'diffusers' else 'file'}; choose another path")
         out.parent.mkdir(parents=True, exist_ok=True)
         if args.format == "diffusers":
             export_diffusers(args.model, out, ema=not args.no_ema)

@@ -31,7 +31,7 @@ from accelerate import Accelerator  # noqa: E402
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data import Loader  # noqa: E402
+from data import DataError, Loader  # noqa: E402
 from data.latents import check_manifest  # noqa: E402
 from data.loader import hash_seed  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
@@ -339,8 +339,9 @@ def resolve_resume_once(accelerator, arg: str, ckpt_dir: Path) -> Path:
     if accelerator.is_main_process:
         try:
             answer = [str(ckpt.resolve_resume(arg, ckpt_dir))]
-        except (FileNotFoundError, ValueError) as e:
-            answer = [e]
+        except Exception as e:  # noqa: BLE001 — every rank must hear of it (or wait in the broadcast forever)
+            answer = [e if isinstance(e, (FileNotFoundError, ValueError)) else
+                      ValueError(f"cannot check the checkpoints in {ckpt_dir}: {type(e).__name__}: {e}")]
     if accelerator.num_processes > 1:
         broadcast_object_list(answer)
     if isinstance(answer[0], Exception):
@@ -530,11 +531,12 @@ def log_metrics(accelerator, run_dir: Path, step: int, meter: Meter, counts: Cou
                 bar) -> dict:
     """The log line, the tracker's points and metrics.jsonl (collective: the loss is the global batch's mean)."""
     elapsed = time.perf_counter() - meter.since
-    skipped = dict(sum((Counter(c) for c in gather_object([loader.skipped])), Counter()))
+    everyone = gather_object([(loader.skipped, loader.epoch)])
+    skipped = dict(sum((Counter(c) for c, _ in everyone), Counter()))
     metrics = {"loss": accelerator.reduce(meter.loss, "mean").item() / max(1, meter.losses),
                "lr": engine.scheduler.get_last_lr()[0], "grad_norm": meter.grad_norm.item() / max(1, meter.norms),
                "images_per_s": meter.images * accelerator.num_processes / elapsed,
-               "data_wait_fraction": meter.wait / elapsed, **counts.metrics(), "epoch": loader.epoch,
+               "data_wait_fraction": meter.wait / elapsed, **counts.metrics(), "epoch": min(e for _, e in everyone),
                **{f"skipped/{k}": v for k, v in skipped.items()}}
     write_metrics(accelerator, run_dir, step, metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -598,7 +600,7 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         ckpt_dir = run_dir / "checkpoints"
         inputs = read_inputs(args, cfg, accelerator, ckpt_dir)
         engine = build_engine(cfg, accelerator, inputs)
-    except (FileNotFoundError, ValueError) as e:  # LaunchError is a ValueError
+    except (FileNotFoundError, ValueError, DataError) as e:  # LaunchError is a ValueError
         raise SystemExit(f"error: {e}") from None
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     counts = resume(accelerator, inputs, engine)
@@ -609,14 +611,14 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
     bar = tqdm(total=cfg.train.max_steps, initial=counts.step, desc="train", disable=not accelerator.is_main_process,
                dynamic_ncols=True)
     meter = Meter(accelerator.device)
+    dropped = 0  # captions this rank emptied since the counts were last summed
     val_every = cfg.validation.every
     if inputs.validation is not None and counts.step == 0:
         validate(accelerator, run_dir, 0, inputs, engine)
     engine.model.train()
     while counts.step < cfg.train.max_steps:
         res = train_step(cfg, accelerator, inputs, engine, diffusion, batches)
-        # counted over the global batch (the same numbers on every rank, and after a resume on any number of them)
-        counts.dropped += int(accelerator.reduce(torch.tensor(res.dropped, device=accelerator.device), "sum"))
+        dropped += res.dropped  # this rank's; summed over the ranks where counts are read (log, checkpoint)
         counts.seen += loader.layout.global_batch
         if res.stepped:
             engine.scheduler.step()  # ours alone (DeepSpeed's engine is given no scheduler): follows the steps taken
@@ -626,6 +628,9 @@ def train(args, cfg: TrainConfig, run_dir: Path) -> Path:
         report_skip(accelerator, cfg, counts, res, world)
         bar.update(1)
         step, last = counts.step, counts.step == cfg.train.max_steps
+        if step % cfg.logging.every == 0 or step % cfg.checkpoint.every == 0 or last:  # no host sync otherwise
+            counts.dropped += int(accelerator.reduce(torch.tensor(dropped, device=accelerator.device), "sum"))
+            dropped = 0
         if step % cfg.logging.every == 0 or last:
             log_metrics(accelerator, run_dir, step, meter, counts, engine, loader, bar)
         if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or last:

@@ -12,6 +12,7 @@ over the samples whose t lies in each of ``bins`` equal ranges: where the model 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -36,6 +37,7 @@ class ValidationConfig:
     num_samples: int = 256  # the first this many usable held-out samples
     batch_size: int = 32  # samples per forward (fixed: the result does not depend on the training batch)
     bins: int = 10  # timestep ranges reported separately (val_loss/t000-099, …)
+    latent_manifest: str | None = None  # held-out latent shards behind URLs: a local copy of their manifest.json
 
     def validate(self, num_steps: int):
         if self.shards is None:
@@ -85,11 +87,19 @@ class Validation:
         self.cfg, self.diffusion, self.encoder, self.device = cfg, diffusion, encoder, device
         self.rank, self.world = rank, world
         urls = resolve_shards(cfg.shards)
-        manifest = latent_shards.find_manifest(urls)  # held-out latent shards: made by the run's VAE?
+        manifest = latent_shards.find_manifest(urls, cfg.latent_manifest)  # latent shards: made by the run's VAE?
         if manifest is not None:
             latent_shards.check_manifest(manifest, vae.identity() if vae is not None else None, data.resolution,
                                          "validation.shards")
         samples = held_out(cfg, data, urls, manifest)
+        if world > 1:  # every rank must hold the same set (a remote shard given up on one rank would differ)
+            from accelerate.utils import gather_object
+
+            print_ = hashlib.sha256("\n".join(c for _, c in samples).encode()).hexdigest()[:16]
+            seen = set(gather_object([(len(samples), print_)]))
+            if len(seen) > 1:
+                raise ValueError(f"validation.shards={cfg.shards!r}: the processes read different held-out sets "
+                                 f"{sorted(seen)} (a shard unreadable on some of them?)")
         self.captions = [c for _, c in samples]
         x = torch.from_numpy(np.stack([s for s, _ in samples]))
         if manifest is None:  # image shards: (N, R, R, 3) uint8 → pixels, encoded once when there is a VAE

@@ -25,6 +25,8 @@ import html
 import ipaddress
 import json
 import logging
+import socket
+import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -43,6 +45,7 @@ TIMEOUT = 60.0
 # The listen queue: socketserver's default of 5 makes a burst of raters' requests wait for TCP's SYN retransmission
 # (1 s, then 3 s...) or be reset (issue 29: 12 of 60 simultaneous votes); Linux caps it at net.core.somaxconn.
 QUEUE = 128
+MAX_CONNECTIONS = 64  # handled at once; one more is closed at once (the page says to press Submit again)
 
 
 def is_loopback(host: str) -> bool:
@@ -191,14 +194,50 @@ def make_handler(study: Study, token: str | None, timeout: float = TIMEOUT, max_
         def do_PUT(self):
             self._json({"error": "method not allowed"}, HTTPStatus.METHOD_NOT_ALLOWED)
 
-        do_DELETE = do_PATCH = do_PUT
+        do_DELETE = do_PATCH = do_OPTIONS = do_PUT  # OPTIONS: no CORS preflight is ever granted
+
+        def do_HEAD(self):  # a 405 without a body (HEAD answers carry none)
+            self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
     return Handler
 
 
 class Server(ThreadingHTTPServer):
+    """The threaded server, bounded: at most MAX_CONNECTIONS handled at once, and each connection closed after
+    ``deadline`` seconds (twice the socket timeout) whatever it is doing (the socket timeout alone lets a client that sends a byte now and then
+    hold a thread for ever)."""
+
     request_queue_size = QUEUE
     daemon_threads = True
+    deadline = TIMEOUT
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: nothing was read, nothing changes
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        def cut():
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+        timer = threading.Timer(self.deadline, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            timer.cancel()
+            self._slots.release()
 
 
 def make_server(study: Study, host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
@@ -216,4 +255,6 @@ def make_server(study: Study, host: str = "127.0.0.1", port: int = 8765, token: 
         if not token:
             raise StudyError("--expose needs a rater token (--token, or let the command make one)")
     study.lock_for_serving()
-    return Server((host, port), make_handler(study, token, timeout, max_raters))
+    server = Server((host, port), make_handler(study, token, timeout, max_raters))
+    server.deadline = 2 * timeout  # a stalled body gets its 408 at `timeout`; any connection ends by twice that
+    return server

@@ -531,6 +531,25 @@ def test_stalled_connections_are_closed_and_a_burst_waits_in_the_listen_queue(tm
             assert answer.startswith(expected) and (expected or answer == b""), answer
             s.close()
         assert study.votes() == []
+        # a slow drip (a byte every 0.2 s, each within the socket timeout) is cut at the whole-request deadline
+        s = socket.create_connection(address)
+        start = time.monotonic()
+        for byte in b"GET /api/study HTTP/1.0\r\nX-Slow: " + b"a" * 40:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # the server closed it
+                break
+            time.sleep(0.2)
+        s.settimeout(5)
+        assert s.makefile("rb").read() == b"" and time.monotonic() - start < 3, time.monotonic() - start
+        s.close()
+        # HEAD and OPTIONS (a CORS preflight) get a 4xx, not the 501 of a method without a handler
+        for method in ("HEAD", "OPTIONS"):
+            s = socket.create_connection(address)
+            s.sendall(f"{method} /api/vote HTTP/1.0\r\nHost: localhost\r\n\r\n".encode())
+            s.settimeout(5)
+            assert s.makefile("rb").readline().startswith(b"HTTP/1.0 405"), method
+            s.close()
     finally:
         server.shutdown()
         server.server_close()
