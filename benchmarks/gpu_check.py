@@ -11,7 +11,7 @@ puts it on the path. ``run`` then, with a time budget per part:
 1. ``pytest tests/test_gpu.py`` (the CUDA paths against float64 references, bf16/fp16 steps, compile, the jobs on
    CUDA; parts whose packages are missing skip themselves);
 2. training-step benchmarks in bf16, eager and ``torch.compile``: (a) the own U-Net ``base`` at 64 px, (b) Stable
-   Diffusion's U-Net (``sd``) on 32×32×4 and 64×64×4 latents (256 and 512 px) through this project's loss and
+   Diffusion 2.x's U-Net (``sd2``, SD2-base's architecture, as mosaicml's figures) on 32×32×4 and 64×64×4 latents (256 and 512 px) through this project's loss and
    optimiser, and (c) the same network driven by a plain PyTorch loop as diffusers' ``train_text_to_image.py`` does
    (DDPMScheduler.add_noise, ``unet(...).sample``, MSE, AdamW): images/s, FLOPs per image counted by
    ``torch.utils.flop_counter`` (not guessed), MFU against the card's dense bf16 peak, peak memory; a profile of the
@@ -66,9 +66,10 @@ def _cases(dry: bool):
                    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
         return [("own tiny, 16 px", "tiny", {}, (3, 16, 16), 64, 2),
                 ("SD U-Net (tiny), 8×8×4", "sd", tiny_sd, (4, 8, 8), 32, 2)]
+    # SD 2.x's U-Net (1024-wide tokens): the architecture of mosaicml's SD2-base figures
     return [("own `base`, 64 px", "base", {}, (3, 64, 64), 768, 64),
-            ("SD 1.x U-Net, 256 px (32×32×4)", "sd", {}, (4, 32, 32), 768, 64),
-            ("SD 1.x U-Net, 512 px (64×64×4)", "sd", {}, (4, 64, 64), 768, 16)]
+            ("SD 2.x U-Net, 256 px (32×32×4)", "sd2", {}, (4, 32, 32), 1024, 64),
+            ("SD 2.x U-Net, 512 px (64×64×4)", "sd2", {}, (4, 64, 64), 1024, 16)]
 
 
 def _flops_per_image(model, x, t, cond) -> float:
@@ -270,7 +271,7 @@ def run(out: Path, dry: bool) -> dict:
     steps, warmup = (2, 1) if dry else (20, 5)
     for name, size, overrides, shape, width, batch in _cases(dry):
         for compile_ in (False, True):
-            drivers = [False, True] if size == "sd" else [False]
+            drivers = [False, True] if size in ("sd", "sd2") else [False]
             for plain in drivers:
                 try:
                     rows.append(bench_case(name, size, overrides, shape, width, batch, compile_, plain, steps,

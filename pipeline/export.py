@@ -1,5 +1,6 @@
 """Hand a trained model to other tools: a diffusers Stable Diffusion pipeline folder, or one ``.safetensors`` file in
-the original latent-diffusion layout (what ComfyUI and AUTOMATIC1111 load).
+the original latent-diffusion layout (the layout ComfyUI and AUTOMATIC1111 read; checked against diffusers' own
+single-file reader).
 
     python pipeline/export.py --model runs/sd/model --format diffusers --out sd-finetuned/
     python pipeline/export.py --model runs/sd/model --format single-file --out sd-finetuned.safetensors [--dtype fp16]

@@ -305,6 +305,20 @@ def test_resume_on_another_number_of_processes_continues_the_same_sequence(toy_s
     assert len(epoch0) == len(set(epoch0)) == 96
 
 
+def test_default_streams_are_kept_by_a_resume_on_other_processes(toy_shards):
+    """data.streams = 0: the first start's processes × workers (2 × 2 here), saved with the position and kept when the
+    run comes back on one process with one worker: the sequence goes on."""
+    out, _ = toy_shards
+    cfg = lambda w: DataConfig(shards=str(out), num_workers=w, shuffle_buffer=8, resolution=8)  # noqa: E731
+    head, loaders = global_batches(cfg(2), 2, 4, 1, 3)
+    assert loaders[0].layout.streams == 4 and loaders[0].num_workers == 2
+    state = Loader.merge_states([ld.state_dict() for ld in loaders])
+    tail, resumed = global_batches(cfg(1), 1, 8, 1, 3, states=state)
+    assert resumed[0].layout.streams == 4  # not 1 × 1: the saved streams
+    reference, _ = global_batches(cfg(2), 2, 4, 1, 6)
+    assert [k for k, *_ in head + tail] == [k for k, *_ in reference]
+
+
 def test_layouts_that_cannot_keep_the_sequence_are_clear_errors(toy_shards):
     out, _ = toy_shards
     cfg = DataConfig(shards=str(out), num_workers=0, streams=4, resolution=8)

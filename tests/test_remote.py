@@ -114,9 +114,10 @@ def test_faults_are_retried_and_the_samples_are_those_of_a_fault_free_read(shard
 
 
 def test_spent_retries_skip_the_rest_of_the_shard_and_the_run_goes_on(shards):
-    """A shard cut halfway whose server then answers 503 to every retry: after data.retries the rest of it is skipped
-    and counted, its first half and every other shard are read, nothing raises."""
-    server = FaultyServer(shards, {"00002.tar": ["cut"] + ["503"] * 10})
+    """A shard cut halfway whose server then answers 503 to the retries: after data.retries the rest of it is skipped
+    and counted (and stays skipped when the server recovers: no sample missing its image or caption), its first half
+    and every other shard are read, nothing raises."""
+    server = FaultyServer(shards, {"00002.tar": ["cut", "503", "503"]})
     try:
         got, loader = read(server.url + "/{00000..00007}.tar", steps=7, retries=2)
     finally:
@@ -127,6 +128,9 @@ def test_spent_retries_skip_the_rest_of_the_shard_and_the_run_goes_on(shards):
     assert len(keys) == len(set(keys)) > 48  # every other shard's samples, once
     shard2 = {k for k in keys if 16 <= int(k) < 24}  # toy keys count up: shard 2 holds 16…23
     assert 0 < len(shard2) < 8  # the samples before the cut came, the rest was skipped
+    assert all(b.images.shape[0] == 8 for b in got)
+    epoch0_requests = server.requests["00002.tar"]
+    assert epoch0_requests in (3, 4)  # the cut, two 503s; (4: epoch 1 began reading it again, fault-free)
 
 
 def test_a_pipe_command_that_fails_once_is_rerun_and_its_bytes_skipped(shards, tmp_path):
