@@ -56,6 +56,8 @@ def images(model, encoder, diffusion, vae, captions, scale: float, options: dict
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/quickstart", help="the quickstart's output folder")
+    p.add_argument("--model", help="the latent model (default: RUN/latent_run/model)")
+    p.add_argument("--latents", help="its latent shards (default: RUN/toy64_latents)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0, 5.0])
@@ -63,8 +65,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(2)
     run = Path(args.run)
-    model, encoder, diffusion, vae, _ = load_exported(run / "latent_run" / "model")
-    stats = latent_stats(str(run / "toy64_latents"))
+    model, encoder, diffusion, vae, _ = load_exported(args.model or run / "latent_run" / "model")
+    stats = latent_stats(args.latents or str(run / "toy64_latents"))
     print("latent channel  mean  std  0.1%  99.9%")
     for c in range(len(stats["mean"])):
         print(f"  {c}  {stats['mean'][c]:+.3f}  {stats['std'][c]:.3f}  {stats['lo'][c]:+.3f}  {stats['hi'][c]:+.3f}")

@@ -42,7 +42,7 @@ def load_folder(files: list[Path], skipped: Counter):
             log.warning("skipping %s: %s", path, bad)
 
 
-def load_shards(spec: str, resolution: int, limit: int, skipped: Counter, captions: bool = False):
+def load_shards(spec: str, resolution: int | tuple[int, int], limit: int, skipped: Counter, captions: bool = False):
     """(index, PIL image resized and centre-cropped like the training data[, caption]) from shards, up to ``limit``
     samples (with ``captions``: only samples whose caption reads, as the training loader would take them)."""
     from PIL import Image

@@ -88,32 +88,43 @@ def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str =
         raise BadSample("corrupt_image", str(e)) from None
 
 
-def crop_box(size: tuple[int, int], resolution: int, crop: str = "center",
+def _target(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a crop: a square side, or a (width, height) bucket."""
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def crop_box(size: tuple[int, int], resolution: int | tuple[int, int], crop: str = "center",
              rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
-    """(resized width, resized height, left, top) of the square crop that ``resize_crop`` takes from an image of
-    ``size`` = (w, h): the shorter side resized to ``resolution``, the crop centred or at a uniformly random offset."""
+    """(resized width, resized height, left, top) of the crop that ``resize_crop`` takes from an image of ``size`` =
+    (w, h): resized to cover the target (a ``resolution`` square, or a (width, height) bucket), the crop centred or
+    at a uniformly random offset."""
     w, h = size
-    scale = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    tw, th = _target(resolution)
+    scale = max(tw / w, th / h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
     if crop == "random":
         assert rng is not None, "random crops need a generator"
-        return nw, nh, int(rng.integers(nw - resolution + 1)), int(rng.integers(nh - resolution + 1))
+        return nw, nh, int(rng.integers(nw - tw + 1)), int(rng.integers(nh - th + 1))
     if crop == "center":
-        return nw, nh, (nw - resolution) // 2, (nh - resolution) // 2
+        return nw, nh, (nw - tw) // 2, (nh - th) // 2
     raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
 
 
-def resize_crop(img: Image.Image, resolution: int, crop: str = "center", flip: bool = False,
+def resize_crop(img: Image.Image, resolution: int | tuple[int, int], crop: str = "center", flip: bool = False,
                 rng: np.random.Generator | None = None, resample: str = "bicubic", box: list | None = None) -> np.ndarray:
-    """Resize the shorter side to ``resolution`` (anti-aliased ``resample`` filter), crop a square — centred, or at a
-    uniformly random offset with ``crop="random"`` — and mirror it horizontally half of the time if ``flip``.
-    Returns a (resolution, resolution, 3) uint8 array; ``box``, when given, receives [top, left] of the crop."""
+    """Resize the image to cover the target (anti-aliased ``resample`` filter: the shorter side to ``resolution`` for
+    a square), crop it — centred, or at a uniformly random offset with ``crop="random"`` — and mirror it horizontally
+    half of the time if ``flip``. Returns a (height, width, 3) uint8 array; ``box``, when given, receives [top, left]
+    of the crop in the resized image."""
     nw, nh, left, top = crop_box(img.size, resolution, crop, rng)
+    tw, th = _target(resolution)
     if (nw, nh) != img.size:
         img = img.resize((nw, nh), FILTERS[resample], reducing_gap=None)
     if box is not None:
         box[:] = [top, left]
-    arr = np.asarray(img.crop((left, top, left + resolution, top + resolution)))
+    arr = np.asarray(img.crop((left, top, left + tw, top + th)))
     if flip and rng is not None and rng.random() < 0.5:
         arr = arr[:, ::-1]
+        if box is not None:  # the crop as seen in the mirrored image (what SDXL's crop conditioning describes)
+            box[1] = nw - left - tw
     return np.ascontiguousarray(arr)

@@ -99,8 +99,9 @@ def check_manifest(manifest: dict, vae_identity: dict | None, resolution: int, w
     if vae_identity is None:
         raise ValueError(f"{where} holds latents (made by the VAE {made.get('source')}) but autoencoder.path is null: "
                          f"set autoencoder.path to that VAE, or point {where} at image shards")
-    diff = {k: (made.get(k), vae_identity[k]) for k in ("fingerprint", "scaling_factor", "shift_factor")
-            if made.get(k) != vae_identity[k]}
+    keys = ("fingerprint", "scaling_factor", "shift_factor", "latents_mean", "latents_std")
+    diff = {k: (made.get(k), vae_identity.get(k)) for k in keys
+            if (k in made or k in vae_identity) and made.get(k) != vae_identity.get(k)}
     if manifest["resolution"] != resolution:
         diff["resolution"] = (manifest["resolution"], resolution)
     if diff:

@@ -49,6 +49,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from . import latents as latent_shards
 from .images import FILTERS, BadSample, decode_image, image_keys, resize_crop
+from .buckets import LOOKAHEAD, choose_bucket, nearest_bucket, parse_buckets
 from .remote import RemoteShardError, open_shard
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,10 @@ class DataConfig:
     # start (the largest such count the global batch divides), then kept: a resumed run reads the same sequence on
     # any number of processes.
     streams: int = 0
+    # Aspect-ratio buckets (data/buckets.py): a list of [width, height], or "auto" (about resolution² pixels, sides
+    # multiples of bucket_step, up to max_aspect or 2:1); null = square crops of `resolution`
+    buckets: list[list[int]] | str | None = None
+    bucket_step: int = 0  # bucket sides' multiple: the VAE's factor × the U-Net's downsampling (the job sets it)
     retries: int = 5  # http(s) and pipe: shards: attempts after a transient failure before skipping the shard's rest
     retry_delay: float = 1.0  # seconds before the first retry, doubled after each (at most 60)
     seed: int = 0
@@ -216,16 +221,37 @@ def read_captions(spec, keys: list[str], skipped: Counter):
                 skipped[bad.reason] += 1
 
 
-class SampleTransform:
-    """raw sample → what training takes: the decode, filters, resize and crop of image shards, or the stored latent
-    (and caption embedding) of latent shards. Shared by the loader, the latent precompute and data.inspect."""
+@dataclass
+class Sample:
+    """One decoded training sample."""
 
-    def __init__(self, cfg: DataConfig, manifest: dict | None = None):
-        self.cfg, self.manifest = cfg, manifest
+    x: np.ndarray  # image uint8 (H, W, 3), or latent (C, h, w)
+    caption: str
+    key: str
+    size: tuple[int, int]  # original (width, height)
+    text: dict | None  # stored caption embedding (latent shards)
+    box: tuple[int, int]  # the crop's (top, left) in the resized image
+    bucket: int  # index into data.buckets (0 without buckets)
+
+
+class SampleTransform:
+    """raw sample → what training takes: the decode, filters, resize and crop of image shards (to the nearest
+    aspect-ratio bucket when there are buckets), or the stored latent (and caption embedding) of latent shards.
+    Shared by the loader, the latent precompute, data.inspect and the validation loss."""
+
+    def __init__(self, cfg: DataConfig, manifest: dict | None = None, buckets: list[tuple[int, int]] | None = None):
+        self.cfg, self.manifest, self.buckets = cfg, manifest, buckets
 
     def __call__(self, raw: dict, epoch: int, box: list | None = None):
         """→ (image uint8 (R, R, 3) or latent (C, h, w), caption, key, (w, h), text embedding or None); raises
         BadSample. ``box`` receives the crop's [top, left]."""
+        smp = self.sample(raw, epoch)
+        if box is not None:
+            box[:] = list(smp.box)
+        return smp.x, smp.caption, smp.key, smp.size, smp.text
+
+    def sample(self, raw: dict, epoch: int) -> Sample:
+        """The decoded :class:`Sample`; raises BadSample."""
         cfg = self.cfg
         caption = caption_of(raw, ["txt"] if self.manifest is not None else cfg.caption_keys)  # precompute writes txt
         if not caption and cfg.drop_empty_captions:
@@ -248,26 +274,39 @@ class SampleTransform:
         rng = None
         if cfg.crop == "random" or cfg.flip:  # per-sample RNG: the same crop whatever the worker or position
             rng = np.random.default_rng([cfg.seed, epoch, zlib.crc32(raw["__key__"].encode())])
-        arr = resize_crop(img, cfg.resolution, cfg.crop, cfg.flip, rng, cfg.resize_filter, box)
-        return arr, caption, raw["__key__"], size, None
+        bucket = nearest_bucket(size, self.buckets) if self.buckets else 0
+        target = self.buckets[bucket] if self.buckets else cfg.resolution
+        box: list = []
+        arr = resize_crop(img, target, cfg.crop, cfg.flip, rng, cfg.resize_filter, box)
+        return Sample(arr, caption, raw["__key__"], size, None, tuple(box), bucket)
 
-    def latent(self, raw: dict, epoch: int, caption: str):
+    def latent(self, raw: dict, epoch: int, caption: str) -> Sample:
         """A latent-shard sample: the stored latent (the mirrored one half of the time with data.flip, chosen as
-        the image path chooses), checked for shape and finiteness."""
+        the image path chooses), checked for shape (its bucket's, with buckets) and finiteness."""
         name = "latent.npy"
         if self.cfg.flip and np.random.default_rng([self.cfg.seed, epoch, zlib.crc32(raw["__key__"].encode())]) \
                 .random() < 0.5:
             name = "latent_flip.npy"
-        z = latent_shards.read_latent(raw.get(name), self.manifest["latent_shape"])
         try:
-            size = tuple(json.loads(raw["json"]).get("original_size", (0, 0))) if "json" in raw else (0, 0)
+            meta = json.loads(raw["json"]) if "json" in raw else {}
+            size = tuple(meta.get("original_size", (0, 0)))
+            box = tuple(meta.get("crop_top_left", (0, 0)))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise BadSample("bad_json") from None
+        bucket, shape = 0, self.manifest["latent_shape"]
+        if self.buckets:
+            wanted = tuple(meta.get("bucket", ()))
+            if wanted not in self.buckets:
+                raise BadSample("bad_bucket", f"{wanted} is not one of data.buckets")
+            bucket = self.buckets.index(wanted)
+            factor = self.manifest["vae"]["factor"]
+            shape = [self.manifest["latent_shape"][0], wanted[1] // factor, wanted[0] // factor]
+        z = latent_shards.read_latent(raw.get(name), shape)
         text = latent_shards.read_text(raw["text.npz"], self.manifest.get("text_shapes")) \
             if self.manifest.get("text") and "text.npz" in raw else None
         if self.manifest.get("text") and text is None:
             raise BadSample("missing_text_embedding")
-        return z, caption, raw["__key__"], size, text
+        return Sample(z, caption, raw["__key__"], size, text, box, bucket)
 
 
 def hash_seed(*parts: int) -> int:
@@ -313,18 +352,22 @@ class Layout:
 
 class ShardStream(IterableDataset):
     """One rank's streams, split over its DataLoader workers (worker w reads ``streams[w::workers]``). Each item is
-    one step's share of a worker: q samples of each of its streams, stream by stream, as a dict: images (n, R, R, 3)
-    uint8 (or latents), text, captions, keys, sizes (n, 2), epochs, ``streams`` (the stream of each sample),
-    ``positions`` {stream: (epoch, raw samples consumed)} after the item, and the streams' skip counts."""
+    one round of a worker: q samples of each of its streams, stream by stream. Without buckets, as a dict of stacked
+    arrays: images (n, R, R, 3) uint8 (or latents), text, captions, keys, sizes (n, 2), boxes (n, 2), epochs,
+    ``streams`` (the stream of each sample), ``positions`` {stream: (epoch, raw samples consumed)} after the item,
+    and the streams' skip counts. With buckets (shapes differ), ``samples``: a list of (Sample, epoch, position,
+    requeued) instead of the arrays; ``requeued`` marks a sample a resumed run puts back into its bucket's queue."""
 
     def __init__(self, cfg: DataConfig, urls: list[str], streams: list[int], layout: Layout,
                  starts: dict[int, tuple[int, int]], counts: dict[int, dict], resume_round: int = 0,
-                 manifest: dict | None = None):
+                 manifest: dict | None = None, buckets: list[tuple[int, int]] | None = None,
+                 queued: dict[int, list] | None = None):
         self.cfg, self.urls, self.streams, self.layout = cfg, urls, streams, layout
         self.starts, self.counts = starts, counts  # stream → (epoch, consumed); stream → skip counts so far
+        self.queued = queued or {}  # stream → [(epoch, position)] waiting in bucket queues at the checkpoint
         self.resume_round = resume_round
-        self.transform = SampleTransform(cfg, manifest)
-        self.manifest = manifest
+        self.transform = SampleTransform(cfg, manifest, buckets)
+        self.manifest, self.buckets = manifest, buckets
 
     # -- raw sample streams ------------------------------------------------------------------------------------
     def _shuffled(self, samples, *seed):
@@ -342,15 +385,25 @@ class ShardStream(IterableDataset):
         return read_shard(url, counts, self.cfg.retries, self.cfg.retry_delay)
 
     def exact_raw(self, stream: int, counts: Counter):
-        """(epoch, raw samples consumed, raw sample) of a stream, from its saved position on."""
-        epoch, skip = self.starts.get(stream, (0, 0))
+        """(epoch, position, raw sample, requeued) of a stream from its saved position on: position is the count of
+        raw samples read in the epoch. Samples waiting in bucket queues at the checkpoint are read again (without
+        decoding what lies between them) and marked requeued."""
+        last = tuple(self.starts.get(stream, (0, 0)))  # the last sample taken (or admitted to a queue)
+        queued = {tuple(p) for p in self.queued.get(stream, [])}
+        epoch, skip = min(queued) if queued else last
+        skip = skip - 1 if queued else skip
         while True:
             shards = self.epoch_shards(epoch, stream)
             raw = (s for url in shards for s in self._read(url, counts))
             n = 0
             for n, sample in enumerate(self._shuffled(raw, epoch, stream), start=1):
-                if n > skip:
-                    yield epoch, n, sample
+                if n <= skip:
+                    continue
+                if (epoch, n) <= last:
+                    if (epoch, n) in queued:
+                        yield epoch, n, sample, True
+                    continue
+                yield epoch, n, sample, False
             if n == 0:
                 raise DataError(f"data stream {stream}: no sample could be read from its shards {shards} in epoch "
                                 f"{epoch} (skipped so far: {dict(counts)})")
@@ -378,15 +431,16 @@ class ShardStream(IterableDataset):
             consumed += 1
             if consumed > quota:
                 epoch, consumed = epoch + 1, 1
-            yield epoch, consumed, sample
+            yield epoch, consumed, sample, False
 
     def samples(self, stream: int, counts: Counter, tally: list[int]):
-        """The usable samples of a stream: (processed sample, epoch, position after it); bad ones counted."""
+        """The usable samples of a stream: (Sample, epoch, position, requeued); bad ones counted (once: a sample
+        read again for its bucket queue decoded fine the first time)."""
         raws = self.exact_raw if self.cfg.mode == "exact" else self.resampled_raw
-        for epoch, consumed, raw in raws(stream, counts):
+        for epoch, consumed, raw, requeued in raws(stream, counts):
             tally[0] += 1
             try:
-                yield self.transform(raw, epoch), epoch, (epoch, consumed)
+                yield self.transform.sample(raw, epoch), epoch, (epoch, consumed), requeued
             except BadSample as bad:
                 counts[bad.reason] += 1
                 tally[1] += bad.reason not in FILTERED
@@ -410,20 +464,25 @@ class ShardStream(IterableDataset):
             items, streams = [], []
             for s in mine:
                 for _ in range(q):
-                    sample, epoch, positions[s] = next(its[s])
-                    items.append((*sample, epoch))
+                    smp, epoch, positions[s], requeued = next(its[s])
+                    items.append((smp, epoch, positions[s], requeued))
                     streams.append(s)
-            xs, captions, keys, sizes, texts, epochs = zip(*items)
-            text = {k: np.stack([t[k] for t in texts]) for k in texts[0]} if texts[0] is not None else None
-            yield {"latents" if self.manifest is not None else "images": np.stack(xs), "text": text,
-                   "captions": list(captions), "keys": list(keys), "sizes": np.array(sizes), "epochs": list(epochs),
-                   "streams": streams, "positions": {s: positions[s] for s in mine},
-                   "counts": {s: dict(counts[s]) for s in mine}}
+            common = {"streams": streams, "positions": {s: positions[s] for s in mine},
+                      "counts": {s: dict(counts[s]) for s in mine}}
+            if self.buckets:
+                yield {**common, "samples": items}
+                continue
+            smps = [i[0] for i in items]
+            text = {k: np.stack([m.text[k] for m in smps]) for k in smps[0].text} if smps[0].text is not None else None
+            yield {**common, "latents" if self.manifest is not None else "images": np.stack([m.x for m in smps]),
+                   "text": text, "captions": [m.caption for m in smps], "keys": [m.key for m in smps],
+                   "sizes": np.array([m.size for m in smps]), "boxes": np.array([m.box for m in smps]),
+                   "epochs": [i[1] for i in items]}
 
 
 @dataclass
 class Batch:
-    images: torch.Tensor | None  # (B, 3, R, R) uint8 — 4× less to move than floats; convert with pixels(). None
+    images: torch.Tensor | None  # (B, 3, H, W) uint8 — 4× less to move than floats; convert with pixels(). None
     captions: list[str]           # for latent shards, which give ``latents`` (B, C, h, w) float16 instead
     keys: list[str]
     epochs: list[int]  # the epoch each sample belongs to
@@ -431,14 +490,25 @@ class Batch:
     latents: torch.Tensor | None = None
     text: dict[str, torch.Tensor] | None = None  # stored caption embeddings (tokens, mask, pooled), when the shards have them
     index: list[int] = field(default_factory=list)  # each sample's global index k·G + s·q + i (seeds its noise)
+    boxes: torch.Tensor | None = None  # (B, 2) the crop's (top, left) in the resized image
 
     def pixels(self, device=None, dtype=torch.float32) -> torch.Tensor:
-        """The images as contiguous (B, 3, R, R) ``dtype`` in [-1, 1], converted on ``device``.
+        """The images as contiguous (B, 3, H, W) ``dtype`` in [-1, 1], converted on ``device``.
 
-        ``images`` is a channels-last view of the workers' (B, R, R, 3) arrays; without the explicit format the
+        ``images`` is a channels-last view of the workers' (B, H, W, 3) arrays; without the explicit format the
         whole U-Net would silently run channels_last (on a CPU, bf16 GroupNorm is 2x slower that way)."""
         return self.images.to(device, non_blocking=True).to(dtype, memory_format=torch.contiguous_format) \
             .div_(127.5).sub_(1.0)
+
+    def micro(self, factor: int = 1) -> torch.Tensor:
+        """SDXL's size and crop conditioning per sample (Podell et al. 2023): (B, 6) float32 = original (height,
+        width), crop (top, left), target (height, width) in pixels (``factor``: the VAE's, for latents)."""
+        x = self.images if self.images is not None else self.latents
+        h, w = x.shape[-2:]
+        target = torch.tensor([h * factor, w * factor], dtype=torch.float32).expand(len(self.keys), 2)
+        sizes = self.sizes.float()[:, [1, 0]]  # (w, h) → (h, w)
+        boxes = self.boxes.float() if self.boxes is not None else torch.zeros(len(self.keys), 2)
+        return torch.cat([sizes, boxes, target], dim=1)
 
 
 def _cat(parts: list[dict], key: str):
@@ -449,6 +519,18 @@ def _cat(parts: list[dict], key: str):
     return torch.cat([torch.as_tensor(p[key]) for p in parts])
 
 
+def _gather(local: dict, world: int) -> dict:
+    """Every rank's dict merged (a collective when there are several processes)."""
+    if world == 1:
+        return dict(local)
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("bucketed loading on several processes needs torch.distributed (the job initialises it)")
+    parts = [None] * world
+    dist.all_gather_object(parts, local)
+    return {k: v for p in parts for k, v in p.items()}
+
+
 class Loader:
     """Micro-batches of ``batch_size`` for one rank, endless, with a position that can be saved and restored on any
     number of processes.
@@ -456,7 +538,8 @@ class Loader:
     Each optimiser step reads one global batch (``grad_accum`` micro-batches per rank; see the module docstring).
     ``state_dict()`` after k steps, merged over the ranks (``merge_states``) and passed to a new
     ``Loader(..., state=...)`` on W' processes with the same global batch, makes the run continue with global batch
-    k+1 exactly (exact mode). ``skipped`` counts skipped samples by reason (and remote retries).
+    k+1 exactly (exact mode). ``skipped`` counts skipped samples by reason (and remote retries). With
+    ``data.buckets`` every global batch is of one bucket's shape (data/buckets.py).
     """
 
     def __init__(self, cfg: DataConfig, batch_size: int, rank: int | None = None, world_size: int | None = None,
@@ -469,15 +552,21 @@ class Loader:
         self.grad_accum = grad_accum
         self.urls = resolve_shards(cfg.shards)
         self.manifest = latent_shards.find_manifest(self.urls, cfg.latent_manifest)  # None: image shards
-        if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
-            raise ValueError(f"data.flip=true but the latent shards {cfg.shards!r} hold no mirrored latents: set "
-                             f"data.flip=false, or precompute them again with --flip")
+        self.buckets = parse_buckets(cfg.buckets, cfg.resolution, cfg.bucket_step, cfg.max_aspect)
         if self.manifest is not None:
             for warning in latent_shards.check_transform(self.manifest, cfg):
                 if rank == 0:
                     log.warning(warning)
             if cfg.crop == "random" and rank == 0:
                 log.warning("data.crop=random on latent shards: each image keeps the one crop it was encoded with")
+            made = [tuple(b) for b in self.manifest.get("buckets") or []] or None
+            if made != self.buckets:
+                raise ValueError(f"the latent shards were made with buckets {made} but data.buckets gives "
+                                 f"{self.buckets}: train with the buckets the latents were made with, or precompute "
+                                 f"again")
+        if self.manifest is not None and cfg.flip and not self.manifest.get("flip"):
+            raise ValueError(f"data.flip=true but the latent shards {cfg.shards!r} hold no mirrored latents: set "
+                             f"data.flip=false, or precompute them again with --flip")
         streams = cfg.streams
         if state is not None:
             self._check_state(state)
@@ -499,6 +588,7 @@ class Loader:
         self._counts: dict[int, dict] = {}
         self.steps = 0  # global batches delivered since the start of the run (restored ones included)
         self.resume_round = 0
+        self.queued: dict[int, list] = {}  # bucket mode: stream → [(epoch, position)] waiting, from the checkpoint
         if state is not None:
             self.positions = {int(s): tuple(p) for s, p in state["positions"].items() if int(s) in mine}
             self._counts = {int(s): dict(c) for s, c in state["skipped"].items() if int(s) in mine}
@@ -508,11 +598,19 @@ class Loader:
                                  f"ranks' positions; resume from a complete checkpoint")
             self.steps = state["steps"]
             self.resume_round = state.get("resume_round", 0) + 1
+            if cfg.mode == "exact":
+                self.queued = {int(s): [tuple(p) for p in q] for s, q in (state.get("queued") or {}).items()
+                               if int(s) in mine}
             if cfg.mode == "resampled" and state.get("world_size") not in (None, world_size) and rank == 0:
                 log.warning("resampled data on another number of processes: each stream starts fresh random draws")
         self.dataset = ShardStream(cfg, self.urls, mine, self.layout, dict(self.positions), dict(self._counts),
-                                   resume_round=self.resume_round, manifest=self.manifest)
+                                   resume_round=self.resume_round, manifest=self.manifest, buckets=self.buckets,
+                                   queued={s: [list(p) for p in q] for s, q in self.queued.items()})
         self.pin_memory = pin_memory
+        self.mine = mine
+        # bucket mode: per stream, decoded samples not yet admitted, and per-bucket queues of admitted ones
+        self._pending: dict[int, list] = {s: [] for s in mine}
+        self._queues: dict[int, list[list]] = {s: [[] for _ in self.buckets or [0]] for s in mine}
 
     def _check_state(self, state: dict):
         if state.get("version") != STATE_VERSION:
@@ -520,7 +618,8 @@ class Loader:
                              "streams): it cannot be continued exactly; start a new run, or resume with the version "
                              "that wrote it")
         g = self.batch_size * self.world_size * self.grad_accum
-        mine = {"mode": self.cfg.mode, "num_shards": len(self.urls), "global_batch": g}
+        mine = {"mode": self.cfg.mode, "num_shards": len(self.urls), "global_batch": g,
+                "buckets": [list(b) for b in self.buckets] if self.buckets else None}
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if self.cfg.streams and self.cfg.streams != state["streams"]:
             diff["streams"] = (state["streams"], self.cfg.streams)
@@ -536,16 +635,19 @@ class Loader:
         for st in states[1:]:
             if st.get("steps") != first.get("steps") or st.get("streams") != first.get("streams"):
                 raise ValueError("the ranks' saved data positions disagree (a damaged checkpoint?)")
-        merged = {k: v for k, v in first.items() if k not in ("positions", "skipped", "rank")}
-        merged["positions"] = {s: p for st in states for s, p in st.get("positions", {}).items()}
-        merged["skipped"] = {s: c for st in states for s, c in st.get("skipped", {}).items()}
+        merged = {k: v for k, v in first.items() if k not in ("positions", "skipped", "rank", "queued")}
+        for key in ("positions", "skipped", "queued"):
+            merged[key] = {s: p for st in states for s, p in (st.get(key) or {}).items()}
         return merged
 
     def __iter__(self):
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
+                            pin_memory=self.pin_memory and not self.buckets, persistent_workers=False,
                             prefetch_factor=4 if self.num_workers else None)
         pieces = iter(loader)
+        if self.buckets:
+            yield from self._bucketed(pieces)
+            return
         lay, b = self.layout, self.batch_size
         first = self.rank * (lay.streams // lay.world_size) * lay.per_stream  # the rank's offset in a global batch
         while True:
@@ -561,7 +663,7 @@ class Loader:
             text = {k: v[order] for k, v in text.items()} if text is not None else None
             listed = {k: [x for p in parts for x in p[k]] for k in ("captions", "keys", "epochs")}
             listed = {k: [v[i] for i in order.tolist()] for k, v in listed.items()}
-            sizes = _cat(parts, "sizes")[order]
+            sizes, boxes = _cat(parts, "sizes")[order], _cat(parts, "boxes")[order]
             if self.pin_memory:  # the reordering made new (pageable) tensors: pin them for non-blocking copies
                 data = data.pin_memory()
                 text = {k: v.pin_memory() for k, v in text.items()} if text is not None else None
@@ -570,10 +672,89 @@ class Loader:
             for m in range(lay.grad_accum):
                 sl = slice(m * b, (m + 1) * b)
                 x = data[sl]
-                images = x.permute(0, 3, 1, 2) if key == "images" else None  # (B, R, R, 3) → (B, 3, R, R), uint8
+                images = x.permute(0, 3, 1, 2) if key == "images" else None  # (B, H, W, 3) → (B, 3, H, W), uint8
                 yield Batch(images, listed["captions"][sl], listed["keys"][sl], listed["epochs"][sl], sizes[sl],
                             x if key == "latents" else None, {k: v[sl] for k, v in text.items()} if text else None,
-                            list(range(base + m * b, base + (m + 1) * b)))
+                            list(range(base + m * b, base + (m + 1) * b)), boxes[sl])
+
+    # -- buckets ----------------------------------------------------------------------------------------------------
+    def _pull(self, pieces):
+        """One round of the DataLoader (a piece from every worker): decoded samples into their streams' pending lists,
+        the requeued ones (a resumed run's waiting samples) straight back into their bucket queues."""
+        for _ in range(max(self.num_workers, 1)):
+            p = next(pieces)
+            self._counts.update({int(s): c for s, c in p["counts"].items()})
+            for s, (smp, epoch, pos, requeued) in zip(p["streams"], p["samples"]):
+                if requeued:
+                    self._queues[s][smp.bucket].append((smp, epoch, tuple(pos)))
+                    self._restoring[s] -= 1
+                else:
+                    self._pending[s].append((smp, epoch, tuple(pos)))
+
+    def _admit(self, s: int, pieces):
+        while not self._pending[s]:
+            self._pull(pieces)
+        smp, epoch, pos = self._pending[s].pop(0)
+        self._queues[s][smp.bucket].append((smp, epoch, pos))
+        self.positions[s] = pos
+
+    def _bucketed(self, pieces):
+        """The bucket batcher (data/buckets.py): per step, the bucket with q samples queued in every stream and the
+        most in all, the oldest q of each stream's queue of it. Collective: one all-gather of queue lengths per try."""
+        lay, b, q = self.layout, self.batch_size, self.layout.per_stream
+        first = self.rank * (lay.streams // lay.world_size) * q
+        self._restoring = {s: len(self.queued.get(s, [])) for s in self.mine}
+        while any(self._restoring.values()):  # a resumed run: the waiting samples back in their queues first
+            self._pull(pieces)
+        for s in self.mine:
+            if self.queued.get(s):
+                self.positions.setdefault(s, tuple(self.dataset.starts.get(s, (0, 0))))
+        limit = 64 * q  # samples a stream may admit looking for a bucket every stream can fill
+        while True:
+            for s in self.mine:  # look ahead: every stream holds LOOKAHEAD·q admitted samples
+                while sum(map(len, self._queues[s])) < LOOKAHEAD * q:
+                    self._admit(s, pieces)
+            tries = 0
+            while True:
+                counts = _gather({s: [len(x) for x in self._queues[s]] for s in self.mine}, lay.world_size)
+                full = [[c if c >= q else 0 for c in counts[s]] for s in sorted(counts)]
+                feasible = [all(row[i] for row in full) for i in range(len(self.buckets))]
+                if any(feasible):
+                    bucket = choose_bucket([[c if feasible[i] else -1 for i, c in enumerate(counts[s])]
+                                            for s in sorted(counts)])
+                    break
+                tries += 1
+                if tries > limit:
+                    raise DataError(f"no bucket holds {q} samples in every data stream after {limit} more samples "
+                                    f"each: the shapes are too uneven across the shards; use fewer buckets or fewer "
+                                    f"data.streams")
+                for s in self.mine:
+                    self._admit(s, pieces)
+            taken = []
+            for s in self.mine:
+                taken += self._queues[s][bucket][:q]
+                del self._queues[s][bucket][:q]
+            base = self.steps * lay.global_batch + first
+            self.steps += 1
+            key = "latents" if self.manifest is not None else "images"
+            x = torch.as_tensor(np.stack([t[0].x for t in taken]))
+            if key == "images":
+                x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) → (B, 3, H, W), uint8
+            texts = [t[0].text for t in taken]
+            text = {k: torch.as_tensor(np.stack([t[k] for t in texts])) for k in texts[0]} if texts[0] else None
+            sizes = torch.tensor([t[0].size for t in taken])
+            boxes = torch.tensor([t[0].box for t in taken])
+            for m in range(lay.grad_accum):
+                sl = slice(m * b, (m + 1) * b)
+                yield Batch(x[sl] if key == "images" else None, [t[0].caption for t in taken[sl]],
+                            [t[0].key for t in taken[sl]], [t[1] for t in taken[sl]], sizes[sl],
+                            x[sl] if key == "latents" else None, {k: v[sl] for k, v in text.items()} if text else None,
+                            list(range(base + m * b, base + (m + 1) * b)), boxes[sl])
+
+    @property
+    def waiting(self) -> int:
+        """Samples of this rank's streams waiting in bucket queues (carried over, never dropped)."""
+        return sum(len(x) for qs in self._queues.values() for x in qs) if self.buckets else 0
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -589,8 +770,12 @@ class Loader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of this rank's streams (merge every rank's with ``merge_states``)."""
-        return {"version": STATE_VERSION, "mode": self.cfg.mode, "streams": self.layout.streams,
-                "global_batch": self.layout.global_batch, "num_shards": len(self.urls), "steps": self.steps,
-                "world_size": self.world_size, "rank": self.rank, "resume_round": self.resume_round,
-                "positions": {str(s): list(p) for s, p in self.positions.items()},
-                "skipped": {str(s): c for s, c in self._counts.items()}}
+        out = {"version": STATE_VERSION, "mode": self.cfg.mode, "streams": self.layout.streams,
+               "global_batch": self.layout.global_batch, "num_shards": len(self.urls), "steps": self.steps,
+               "world_size": self.world_size, "rank": self.rank, "resume_round": self.resume_round,
+               "buckets": [list(b) for b in self.buckets] if self.buckets else None,
+               "positions": {str(s): list(p) for s, p in self.positions.items()},
+               "skipped": {str(s): c for s, c in self._counts.items()}}
+        if self.buckets:  # the admitted samples still waiting, by position, in admission order
+            out["queued"] = {str(s): sorted([list(t[2]) for x in self._queues[s] for t in x]) for s in self.mine}
+        return out

@@ -80,6 +80,15 @@ class FrozenVAE(nn.Module):
         self.scale = float(cfg.scaling_factor if cfg.scaling_factor is not None else c.scaling_factor)
         shift = cfg.shift_factor if cfg.shift_factor is not None else getattr(c, "shift_factor", None)
         self.shift = float(shift or 0.0)
+        # Per-channel statistics (diffusers' latents_mean / latents_std, as SDXL-era configs carry them): the latents
+        # are standardised channel by channel, (μ − mean_c)·scale/std_c; None: one scale (and shift) for all channels
+        mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+        if (mean is None) != (std is None) or mean is not None and not len(mean) == len(std) == self.channels:
+            raise ValueError(f"the VAE config's latents_mean / latents_std must both hold {self.channels} values")
+        self.register_buffer("latents_mean", None if mean is None else
+                             torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", None if std is None else
+                             torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.max_batch, self.source = cfg.max_batch, source
         self.force_upcast = bool(getattr(c, "force_upcast", False))
         self.fingerprint = weights_fingerprint(self.vae)
@@ -93,10 +102,22 @@ class FrozenVAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.vae.parameters()).dtype
 
+    def _apply(self, fn, recurse=True):  # .to(dtype) must not make the statistics bf16: they stay float32
+        super()._apply(fn, recurse)
+        for name in ("latents_mean", "latents_std"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
     def identity(self) -> dict:
         """What latents made by this VAE depend on (compared with a latent shard's manifest)."""
-        return {"fingerprint": self.fingerprint, "scaling_factor": self.scale, "shift_factor": self.shift,
-                "latent_channels": self.channels, "factor": self.factor}
+        out = {"fingerprint": self.fingerprint, "scaling_factor": self.scale, "shift_factor": self.shift,
+               "latent_channels": self.channels, "factor": self.factor}
+        if self.latents_mean is not None:  # (older manifests lack these keys: only checked when present)
+            out["latents_mean"] = [round(float(v), 6) for v in self.latents_mean.flatten()]
+            out["latents_std"] = [round(float(v), 6) for v in self.latents_std.flatten()]
+        return out
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,12 +126,15 @@ class FrozenVAE(nn.Module):
             raise ValueError(f"images of {tuple(x.shape[-2:])} px do not divide by the VAE's factor {self.factor}")
         with torch.autocast(x.device.type, enabled=False):  # its own dtype, whatever autocast the caller runs under
             out = [self.vae.encode(c.to(self.dtype)).latent_dist.mean.float() for c in x.split(self.max_batch)]
+        if self.latents_mean is not None:
+            return (torch.cat(out) - self.latents_mean) * self.scale / self.latents_std
         return (torch.cat(out) - self.shift) * self.scale
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) → images (B, 3, h·f, w·f), float32, about [-1, 1]."""
-        z = z.float() / self.scale + self.shift
+        z = z.float() * self.latents_std / self.scale + self.latents_mean if self.latents_mean is not None else \
+            z.float() / self.scale + self.shift
         with torch.autocast(z.device.type, enabled=False):  # sample.py --precision fp16 must not make SDXL's VAE fp16
             out = torch.cat([self.vae.decode(c.to(self.dtype)).sample.float() for c in z.split(self.max_batch)])
         if not torch.isfinite(out).all():

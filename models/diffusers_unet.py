@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .attention import autocast_dtype, select_backend
+from .unet import MICRO
 
 # Stable Diffusion 1.x (runwayml/stable-diffusion-v1-5's unet/config.json): 860M parameters.
 SD1_UNET = {
@@ -32,7 +33,8 @@ SD1_UNET = {
 # ViT-H's 1024-wide tokens. 865M parameters.
 SD2_UNET = {**SD1_UNET, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
 OWN_FIELDS = ("in_channels", "out_channels", "context_dim", "pooled_dim", "gradient_checkpointing",
-              "attention_backend")
+              "attention_backend", "micro_conditioning")
+MICRO_DIM = 256  # each size/crop number's sinusoidal width (SDXL's addition_time_embed_dim)
 
 
 def unet_arguments() -> set[str]:
@@ -55,12 +57,18 @@ class DiffusersUNetConfig:
     pooled_dim: int | None = None  # accepted for a uniform interface; SD 1.x/2.x's U-Net takes no pooled embedding
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # auto | sdpa | xformers | math
+    # SDXL's size and crop conditioning through SDXL's own layers (addition_embed_type="text_time": add_time_proj,
+    # add_embedding), without the pooled text SDXL concatenates: SD 1.x/2.x have none
+    micro_conditioning: bool = False
     unet: dict = field(default_factory=dict)  # the rest of UNet2DConditionModel's config
 
     def __post_init__(self):  # unknown keys are found by with_overrides (diffusers is imported only when used)
         clash = set(self.unet) & {"in_channels", "out_channels", "cross_attention_dim"}
         if clash:
             raise ValueError(f"{sorted(clash)}: set in_channels / out_channels / context_dim instead")
+        if self.micro_conditioning and self.unet.get("addition_embed_type") not in (None, "text_time"):
+            raise ValueError(f"micro_conditioning uses addition_embed_type='text_time', but the U-Net config sets "
+                             f"{self.unet['addition_embed_type']!r}")
 
     @property
     def family(self) -> str:
@@ -80,8 +88,12 @@ class DiffusersUNetConfig:
         return DiffusersUNetConfig(**{**fields, **own}, unet={**self.unet, **rest})
 
     def unet_kwargs(self) -> dict:
-        return {**self.unet, "in_channels": self.in_channels, "out_channels": self.out_channels or self.in_channels,
-                "cross_attention_dim": self.context_dim}
+        out = {**self.unet, "in_channels": self.in_channels, "out_channels": self.out_channels or self.in_channels,
+               "cross_attention_dim": self.context_dim}
+        if self.micro_conditioning:
+            out.update(addition_embed_type="text_time", addition_time_embed_dim=MICRO_DIM,
+                       projection_class_embeddings_input_dim=MICRO * MICRO_DIM)
+        return out
 
     @classmethod
     def from_diffusers(cls, config: dict, **own) -> "DiffusersUNetConfig":
@@ -103,6 +115,9 @@ class DiffusersUNet(nn.Module):
 
         self.cfg = cfg
         self.unet = UNet2DConditionModel(**cfg.unet_kwargs())
+        if cfg.micro_conditioning:  # zero last layer: Stable Diffusion's weights given it start as they were
+            nn.init.zeros_(self.unet.add_embedding.linear_2.weight)
+            nn.init.zeros_(self.unet.add_embedding.linear_2.bias)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self._backend: tuple[str, str] | None = None  # (device type, backend) the processors were set for
@@ -146,4 +161,13 @@ class DiffusersUNet(nn.Module):
         self._use_backend(x.device)
         # autocast runs the projections in its own dtype; outside it (DeepSpeed's bf16 weights) the tokens follow x
         ctx_dtype = autocast_dtype(x)
-        return self.unet(x, t, encoder_hidden_states=cond["tokens"].to(ctx_dtype), return_dict=False)[0]
+        added = None
+        if self.cfg.micro_conditioning:  # text_time: the six numbers' embeddings (SDXL's time_ids), no pooled text
+            micro = cond.get("micro")
+            if micro is None:
+                micro = torch.zeros(len(x), MICRO, device=x.device)
+            if micro.shape != (len(x), MICRO):
+                raise ValueError(f"cond['micro'] must be (batch, {MICRO}); got {tuple(micro.shape)}")
+            added = {"time_ids": micro.float(), "text_embeds": micro.new_zeros(len(x), 0, dtype=ctx_dtype)}
+        return self.unet(x, t, encoder_hidden_states=cond["tokens"].to(ctx_dtype), added_cond_kwargs=added,
+                         return_dict=False)[0]

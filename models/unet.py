@@ -37,6 +37,9 @@ class UNetConfig:
     pooled_dim: int | None = 512  # width of the pooled caption embedding (None: not used)
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # auto | sdpa | xformers | math
+    # SDXL's size and crop conditioning (Podell et al. 2023): cond["micro"] (B, 6) = original (h, w), crop (top,
+    # left), target (h, w) in pixels, each number's sinusoidal embedding through an MLP added to the timestep's
+    micro_conditioning: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)
@@ -53,6 +56,21 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([args.cos(), args.sin()], dim=1)
     return F.pad(emb, (0, dim % 2))
+
+
+MICRO = 6  # numbers of the size and crop conditioning
+
+
+def micro_embedding(cond: dict | None, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """cond["micro"] (B, 6) pixels → (B, 6·dim): each number's sinusoidal embedding, as SDXL embeds its size and
+    crop conditioning. Absent (unconditional, or dropped): zeros, the null conditioning caption dropout trains."""
+    micro = cond.get("micro") if cond is not None else None
+    if micro is None:
+        micro = torch.zeros(len(x), MICRO, device=x.device)
+    if micro.shape != (len(x), MICRO):
+        raise ValueError(f"cond['micro'] must be (batch, {MICRO}) = original (h, w), crop (top, left), target (h, w); "
+                         f"got {tuple(micro.shape)}")
+    return timestep_embedding(micro.flatten(), dim).view(len(x), MICRO * dim)
 
 
 def _norm(ch: int) -> nn.GroupNorm:
@@ -166,6 +184,10 @@ class UNet(nn.Module):
         ch0, emb_dim = cfg.base_channels, 4 * cfg.base_channels
         self.time_embed = nn.Sequential(nn.Linear(ch0, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.pooled_embed = nn.Linear(cfg.pooled_dim, emb_dim) if cfg.pooled_dim else None
+        self.micro_embed = None
+        if cfg.micro_conditioning:  # last layer zero: a model given the conditioning starts as one without it
+            self.micro_embed = nn.Sequential(nn.Linear(MICRO * ch0, emb_dim), nn.SiLU(),
+                                             _zero(nn.Linear(emb_dim, emb_dim)))
         self.input_conv = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         def attn(ch):
@@ -219,6 +241,8 @@ class UNet(nn.Module):
             ctx, mask = cond["tokens"].to(ctx_dtype), cond.get("mask")
             if self.pooled_embed is not None and cond.get("pooled") is not None:
                 emb = emb + self.pooled_embed(cond["pooled"].to(x.dtype))
+        if self.micro_embed is not None:
+            emb = emb + self.micro_embed(micro_embedding(cond, x, self.cfg.base_channels).to(x.dtype))
         ckpt = self.cfg.gradient_checkpointing and self.training
         h, hs = self.input_conv(x), []
         hs.append(h)

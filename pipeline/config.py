@@ -106,6 +106,9 @@ class LoggingSection:
     sample_sampler: str = "ddim"
     sample_seed: int = 0
     sample_per_prompt: int = 2
+    # [width, height] shapes of the sample grid's columns (null: the square of data.resolution, or with
+    # data.buckets the tallest, the squarest and the widest bucket)
+    sample_shapes: list[list[int]] | None = None
 
 
 @dataclass
@@ -352,3 +355,23 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 def save_config(cfg: TrainConfig, path: Path):
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def bucket_step(cfg: TrainConfig, vae_factor: int) -> int:
+    """The multiple of aspect-ratio bucket sides (data.bucket_step when set): the VAE's factor × how many times the
+    configured U-Net halves its input (model.pretrained's U-Net, or the named size with model.overrides). The
+    training job and the latent precompute both ask here, so that ``data.buckets=auto`` gives them the same set."""
+    from models.registry import downsample_factor, model_config
+
+    if cfg.model.pretrained:
+        from models.stable_diffusion import open_sd
+
+        blocks = cfg.model.overrides.get("block_out_channels") or \
+            open_sd(cfg.model.pretrained, cfg.model.pretrained_config).unet_config()["block_out_channels"]
+        step = vae_factor * 2 ** (len(blocks) - 1)
+    else:
+        step = vae_factor * downsample_factor(model_config(cfg.model.size, **cfg.model.overrides))
+    if cfg.data.bucket_step % step:
+        raise ValueError(f"data.bucket_step={cfg.data.bucket_step} is not a multiple of {step} (the VAE's factor × "
+                         f"the U-Net's downsampling): leave it out, the job sets it")
+    return cfg.data.bucket_step or step

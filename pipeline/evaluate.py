@@ -104,7 +104,7 @@ class CLIPImageExtractor:
         return self.scorer.image_features(images, normalize=False)
 
 
-def stats_of(source: str, extractor, batch_size: int, resolution: int = 64, limit: int = 50_000,
+def stats_of(source: str, extractor, batch_size: int, resolution: int | tuple[int, int] = 64, limit: int = 50_000,
              rank: int = 0, world: int = 1) -> tuple[FeatureStats, np.ndarray | None, Counter]:
     """(stats, features or None, skipped) of a folder, a shard spec or an .npz statistics file."""
     skipped: Counter = Counter()
@@ -233,7 +233,7 @@ def cmd_nll(args) -> dict:
 def cmd_run(args) -> dict:
     from pipeline.checkpoint import load_exported
     from pipeline.generate import image_seed
-    from pipeline.generate import Job, run_jobs
+    from pipeline.generate import Job, output_size, run_jobs
 
     if args.likelihood < 0:
         raise ValueError(f"--likelihood is a number of images (0 = none), got {args.likelihood}")
@@ -248,6 +248,8 @@ def cmd_run(args) -> dict:
     if len(captions) < args.num_images:
         log.warning("only %d captions for --num-images %d: using each once", len(captions), args.num_images)
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
+    size = output_size(meta["resolution"], args.width, args.height, model, vae)  # (width, height) generated
+    shape = meta["resolution"] if size == (meta["resolution"],) * 2 else size  # reference shards cropped alike
     if args.likelihood:
         check_convention(likelihood_options(args), vae)
     nll_samples = None
@@ -258,7 +260,7 @@ def cmd_run(args) -> dict:
         InceptionExtractor(args.inception_weights, state.device)
     fd_name = "fid" if args.fd_features == "inception" else "fd_clip"
 
-    ref_stats, ref_feats, ref_skipped = stats_of(args.ref, extractor, args.batch_size, meta["resolution"],
+    ref_stats, ref_feats, ref_skipped = stats_of(args.ref, extractor, args.batch_size, shape,
                                                  args.max_ref_images, rank, world)
     rows = []
     for g in args.guidance:
@@ -266,7 +268,7 @@ def cmd_run(args) -> dict:
         jobs = [Job(i, 0, c, "", image_seed(args.seed, i, 0), g) for i, c in enumerate(captions)]
         todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
         log.info("guidance %g: %d of %d images to generate", g, todo, len(jobs))
-        records = run_jobs(jobs, model, encoder, diffusion, meta["resolution"], folder, args.sampler, args.steps,
+        records = run_jobs(jobs, model, encoder, diffusion, size, folder, args.sampler, args.steps,
                            args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process, vae=vae)
         if state.is_main_process:  # each image → its caption and seed (the images alone do not say)
             (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -286,7 +288,7 @@ def cmd_run(args) -> dict:
                 row.update({f"attr_{k}": v for k, v in accuracy.items()})
         rows.append(row)
         log.info("guidance %g: %s", g, {k: v for k, v in row.items() if k != "clip_model"})
-    real = real_row(args.ref, meta["resolution"], len(captions), scorer) if state.is_main_process else None
+    real = real_row(args.ref, shape, len(captions), scorer) if state.is_main_process else None
     nll = None
     if nll_samples:  # bits/dim of the reference images (held out)
         nll = likelihood(model, encoder, diffusion, vae, nll_samples, likelihood_options(args), args.batch_size, rank,
@@ -294,7 +296,8 @@ def cmd_run(args) -> dict:
         nll = {**{k: v for k, v in nll.items() if k != "images"}, **nll_settings(args, meta, vae, "each image's caption")}
         log.info("likelihood of %d reference images: %s", nll["num_images"],
                  {k: v for k, v in nll.items() if "bits" in k})
-    result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "sampler": args.sampler,
+    result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "width": size[0],
+              "height": size[1], "sampler": args.sampler,
               "steps": args.steps, "num_images": len(captions), "reference": args.ref, "reference_skipped":
               dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
               scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
@@ -309,7 +312,7 @@ def cmd_run(args) -> dict:
     return result
 
 
-def real_row(ref: str, resolution: int, limit: int, scorer) -> dict | None:
+def real_row(ref: str, resolution: int | tuple[int, int], limit: int, scorer) -> dict | None:
     """The same metrics for real images (the reference shards' own images and captions, as many as were generated):
     what a perfect model would score here. None when the reference is not shards."""
     if not (".tar" in ref or "{" in ref):
@@ -391,6 +394,9 @@ def parse_args(argv=None):
     sp.add_argument("--fd-features", choices=["inception", "clip"], default="inception",
                     help="features of the Fréchet distance: Inception (FID) or the CLIP model's image tower")
     sp.add_argument("--density-coverage", action="store_true", help="also report density and coverage")
+    sp.add_argument("--width", type=int, help="generate at this width in px (default: the training resolution); "
+                    "reference shards are resized and cropped to the same shape")
+    sp.add_argument("--height", type=int, help="generate at this height in px (default: the training resolution)")
     sp.add_argument("--sampler", default="ddim")
     sp.add_argument("--steps", type=int, default=50)
     sp.add_argument("--seed", type=int, default=0)

@@ -68,9 +68,12 @@ def sd_parts(model_dir: str, ema: bool):
     if not isinstance(encoder, HFCLIPTextEncoder):
         raise ValueError(f"{model_dir} uses an OpenCLIP text encoder: a Stable Diffusion pipeline needs transformers' "
                          f"CLIPTextModel (text_encoder.kind=hf_clip)")
-    if vae.shift:
-        raise ValueError(f"{model_dir}'s VAE has a latent shift ({vae.shift}), which StableDiffusionPipeline does not "
-                         f"apply")
+    if unet.cfg.micro_conditioning:
+        raise ValueError(f"{model_dir} was trained with size and crop conditioning (micro_conditioning), which "
+                         f"StableDiffusionPipeline does not pass to its U-Net: sample it with pipeline/sample.py")
+    if vae.shift or vae.latents_mean is not None:
+        raise ValueError(f"{model_dir}'s VAE shifts its latents (shift_factor or per-channel latents_mean), which "
+                         f"StableDiffusionPipeline does not apply")
     return unet, encoder, vae, DiffusionConfig(**meta["diffusion"]), meta
 
 

@@ -25,26 +25,38 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 @torch.no_grad()
-def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], seeds: list[int], resolution: int,
-             guidance: float = 3.0, negative: list[str] | None = None, sampler: str = "ddim",
-             steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
+def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], seeds: list[int],
+             resolution: int | tuple[int, int], guidance: float = 3.0, negative: list[str] | None = None,
+             sampler: str = "ddim", steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
              clip_x0: float | None = 1.0, progress_callback=None, vae=None, spacing: str | None = None,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-    """One batch: images (B, 3, R, R) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``.
+             noise: torch.Tensor | None = None, micro: list[float] | None = None) -> torch.Tensor:
+    """One batch: images (B, 3, H, W) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``; ``resolution`` is a square's
+    side or a (width, height) (an aspect-ratio bucket's shape, say).
 
-    With a ``vae`` the sampler runs on (B, ``channels``, R/f, R/f) latents, unclipped (latents are not bounded by
-    ±1), and the VAE decodes them to R px.
+    With a ``vae`` the sampler runs on (B, ``channels``, H/f, W/f) latents, unclipped (latents are not bounded by
+    ±1), and the VAE decodes them to H×W px.
     ``negative[i]`` (default "") is what the unconditional branch sees. Guidance 1 runs the conditional branch
     only; otherwise both branches run in one batched forward (diffusion.guidance). ``spacing``: the timestep
-    spacing (default: the sampler's). ``noise``: the initial x_T itself, instead of drawing it from the seeds."""
+    spacing (default: the sampler's). ``noise``: the initial x_T itself, instead of drawing it from the seeds.
+    ``micro``: for a model with size and crop conditioning, original (h, w), crop (top, left), target (h, w) in
+    pixels (default: the output size, crop 0, 0, as SDXL's pipeline asks); the unconditional branch gets none, as
+    training drops it with the caption."""
     device = device or next(model.parameters()).device
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
-    size = resolution // vae.factor if vae is not None else resolution
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    f = vae.factor if vae is not None else 1
+    if width % f or height % f:
+        raise ValueError(f"{width}×{height} px does not divide by the VAE's factor {f}")
     if noise is None:
-        noise = torch.stack([torch.randn(channels, size, size, generator=g, device=device) for g in gens])
+        noise = torch.stack([torch.randn(channels, height // f, width // f, generator=g, device=device) for g in gens])
     cond = cond_to(encoder.encode(list(prompts)), device, dtype)
     uncond = cond_to(encoder.encode(list(negative)), device, dtype) if guidance != 1 else None
+    if getattr(model.cfg, "micro_conditioning", False):
+        micro = micro if micro is not None else [height, width, 0, 0, height, width]
+        cond["micro"] = torch.tensor([list(map(float, micro))] * len(prompts), device=device)
+        if uncond is not None:
+            uncond["micro"] = torch.zeros_like(cond["micro"])
 
     def net(x, t, c):
         return model(x.to(dtype), t, c).float()
@@ -55,6 +67,33 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
     if vae is not None:
         images = vae.decode(images)
     return images.clamp(-1, 1)
+
+
+def output_size(resolution: int, width: int | None, height: int | None, model, vae=None) -> tuple[int, int]:
+    """(width, height) to sample at: the training resolution's square, or --width / --height (either alone keeps
+    the square's other side). Sides must be multiples of the VAE's factor × the U-Net's downsampling (ValueError)."""
+    w, h = width or resolution, height or resolution
+    multiple = (vae.factor if vae is not None else 1) * model.downsample_factor
+    if w < 1 or h < 1 or w % multiple or h % multiple:
+        raise ValueError(f"{w}×{h} px: width and height must be positive multiples of {multiple} (the VAE's factor × "
+                         f"the U-Net's downsampling), e.g. {max(multiple, w // multiple * multiple)}×"
+                         f"{max(multiple, h // multiple * multiple)}")
+    return w, h
+
+
+def micro_conditioning(model, size: tuple[int, int], original: list[int] | None = None,
+                       crop: list[int] | None = None, target: list[int] | None = None) -> list[float] | None:
+    """The six numbers of SDXL's size and crop conditioning for ``generate``: original (h, w), crop (top, left),
+    target (h, w), from (width, height) pairs as the command lines take them (default: the output ``size``, crop
+    0, 0). None for a model without it (ValueError if one was asked for)."""
+    if not getattr(model.cfg, "micro_conditioning", False):
+        if original or crop or target:
+            raise ValueError("--original-size / --crop-top-left / --target-size need a model trained with "
+                             "model.overrides.micro_conditioning=true")
+        return None
+    (ow, oh), (tw, th) = original or size, target or size
+    top, left = crop or (0, 0)
+    return [oh, ow, top, left, th, tw]
 
 
 def cond_to(cond: dict, device, dtype=torch.float32) -> dict:
@@ -96,11 +135,12 @@ def make_jobs(prompts: list[dict], guidances: list[float], num_images: int, seed
     return jobs
 
 
-def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_dir: Path, sampler: str,
-             steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
+def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple[int, int], out_dir: Path,
+             sampler: str, steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
              skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
-             vae=None, spacing: str | None = None) -> list[dict]:
-    """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata."""
+             vae=None, spacing: str | None = None, micro: list[float] | None = None) -> list[dict]:
+    """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata.
+    ``resolution``: a square's side or (width, height); ``micro``: see ``generate``."""
     from PIL import Image
 
     images_dir = out_dir / "images"
@@ -118,7 +158,7 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int, out_di
                 images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
                                   resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
                                   steps=steps, channels=model.cfg.in_channels, device=device, vae=vae,
-                                  spacing=spacing)
+                                  spacing=spacing, micro=micro)
             for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
                 tmp = images_dir / (j.name + ".tmp")
                 Image.fromarray(img).save(tmp, format="PNG")

@@ -34,11 +34,12 @@ from tqdm import tqdm  # noqa: E402
 
 from data import latents as latent_shards  # noqa: E402
 from data.files import read_json, write_json_atomic  # noqa: E402
+from data.buckets import parse_buckets  # noqa: E402
 from data.loader import FILTERED, SampleTransform, read_captions, read_shard, resolve_shards  # noqa: E402
 from data.images import BadSample  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError, bucket_step, load_config  # noqa: E402
 
 log = logging.getLogger("precompute")
 
@@ -67,7 +68,7 @@ def cmd_captions(args, cfg):
 class LatentWriter:
     """Encodes one input shard into one latent shard (written as NAME.tmp, renamed when complete)."""
 
-    def __init__(self, cfg, vae, text_encoder, flip: bool, batch_size: int, device):
+    def __init__(self, cfg, vae, text_encoder, flip: bool, batch_size: int, device, buckets=None):
         self.cfg, self.vae, self.text, self.flip = cfg, vae, text_encoder, flip
         self.batch_size, self.device = batch_size, device
         data = cfg.data
@@ -75,48 +76,71 @@ class LatentWriter:
             from dataclasses import replace
 
             data = replace(data, flip=False)
-        self.transform = SampleTransform(data)  # the training loader's per-sample transform
+        self.buckets = buckets
+        self.transform = SampleTransform(data, buckets=buckets)  # the training loader's per-sample transform
 
     def write_shard(self, url: str, out: Path) -> dict:
         import webdataset as wds
 
         counts: Counter = Counter()
         tmp = out.with_name(out.name + ".tmp")
-        written, batch = 0, []
+        # Samples are encoded in batches of one bucket's shape but written in the input shard's order (so that
+        # training on the latents reads the same sequence as on the images): `order` holds them in input order,
+        # each a dict that its batch's encoding fills in; the encoded front of it is written out.
+        order: list[dict] = []
+        batches: dict[int, list[dict]] = {}  # bucket → samples waiting to be encoded together
+        written = 0
         with wds.TarWriter(str(tmp)) as sink:
-            def flush():
-                nonlocal written
+            def encode(batch: list[dict]):
                 if not batch:
                     return
-                pixels = torch.from_numpy(np.stack([b[0] for b in batch])).to(self.device)
+                pixels = torch.from_numpy(np.stack([b["x"] for b in batch])).to(self.device)
                 pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1)
                 z = self.vae.encode(pixels).half().cpu().numpy()
                 z_flip = self.vae.encode(pixels.flip(-1)).half().cpu().numpy() if self.flip else None
-                text = self.text.encode([b[1] for b in batch]) if self.text is not None else None
-                for i, (_, caption, key, size, box) in enumerate(batch):
-                    sample = {"__key__": key, "latent.npy": latent_shards.npy_bytes(z[i]), "txt": caption,
-                              "json": {"original_size": list(size), "crop_top_left": box, "source": url}}
+                text = self.text.encode([b["caption"] for b in batch]) if self.text is not None else None
+                for i, b in enumerate(batch):
+                    meta = {"original_size": list(b["size"]), "crop_top_left": list(b["box"]), "source": url}
+                    if self.buckets:
+                        meta["bucket"] = list(self.buckets[b["bucket"]])
+                    sample = {"__key__": b["key"], "latent.npy": latent_shards.npy_bytes(z[i]), "txt": b["caption"],
+                              "json": meta}
                     if z_flip is not None:
                         sample["latent_flip.npy"] = latent_shards.npy_bytes(z_flip[i])
                     if text is not None:
                         sample["text.npz"] = latent_shards.npz_bytes(
                             tokens=text["tokens"][i].half().cpu().numpy(), mask=text["mask"][i].cpu().numpy(),
                             pooled=text["pooled"][i].half().cpu().numpy())
-                    sink.write(sample)
-                written += len(batch)
+                    b["out"] = sample
+                    del b["x"]
                 batch.clear()
 
+            def drain():
+                nonlocal written
+                while order and "out" in order[0]:
+                    sink.write(order.pop(0)["out"])
+                    written += 1
+
             for raw in read_shard(url, counts, self.cfg.data.retries, self.cfg.data.retry_delay):
-                box: list = []
                 try:
-                    arr, caption, key, size, _ = self.transform(raw, 0, box)
+                    smp = self.transform.sample(raw, 0)
                 except BadSample as bad:
                     counts[bad.reason] += 1
                     continue
-                batch.append((arr, caption, key, size, box))
+                item = {"x": smp.x, "caption": smp.caption, "key": smp.key, "size": smp.size, "box": smp.box,
+                        "bucket": smp.bucket}
+                order.append(item)
+                batch = batches.setdefault(smp.bucket, [])
+                batch.append(item)
                 if len(batch) == self.batch_size:
-                    flush()
-            flush()
+                    encode(batch)
+                if len(order) > 8 * self.batch_size:  # a rare bucket holds the rest back: encode it part-full
+                    for batch in batches.values():
+                        encode(batch)
+                drain()
+            for batch in batches.values():
+                encode(batch)
+            drain()
         info = {"source": url, "samples": written, "skipped": dict(counts)}
         write_json_atomic(out.with_suffix(".json"), info)  # before the rename: a done shard has both
         tmp.replace(out)
@@ -134,13 +158,14 @@ def text_shapes(text_encoder) -> dict | None:
     return {k: list(probe[k].shape[1:]) for k in ("tokens", "mask", "pooled")}
 
 
-def manifest_of(cfg, vae, text_encoder, flip: bool, urls: list[str], infos: list[dict]) -> dict:
+def manifest_of(cfg, vae, text_encoder, flip: bool, urls: list[str], infos: list[dict], buckets=None) -> dict:
     skipped = sum((Counter(i["skipped"]) for i in infos), Counter())
     size = cfg.data.resolution // vae.factor
     d = cfg.data
     return {"kind": latent_shards.KIND, "format": 1,
             "vae": {**vae.identity(), "source": vae.source}, "resolution": d.resolution,
             "latent_shape": [vae.channels, size, size], "dtype": "float16", "flip": flip,
+            "buckets": [list(b) for b in buckets] if buckets else None,  # each latent at its bucket's shape
             "transform": {"crop": d.crop, "resize_filter": d.resize_filter, "min_size": d.min_size,
                           "max_aspect": d.max_aspect, "caption_keys": d.caption_keys,
                           "drop_empty_captions": d.drop_empty_captions, "seed": d.seed},
@@ -195,12 +220,14 @@ def cmd_latents(args, cfg):
     vae = load_autoencoder(cfg.autoencoder, device)
     if cfg.data.resolution % vae.factor:
         raise ValueError(f"data.resolution={cfg.data.resolution} does not divide by the VAE's factor {vae.factor}")
+    buckets = parse_buckets(cfg.data.buckets, cfg.data.resolution, bucket_step(cfg, vae.factor),
+                            cfg.data.max_aspect) if cfg.data.buckets is not None else None
     if cfg.data.crop == "random" and state.is_main_process:
         log.warning("data.crop=random: each image is encoded once, with one random crop (and --flip stores its "
                     "mirror image); training on the latents cannot draw new crops")
     text_encoder = build_text_encoder(cfg.text_encoder).to(device) if args.text else None
     out = Path(args.out)
-    started = manifest_of(cfg, vae, text_encoder, args.flip, urls, [])
+    started = manifest_of(cfg, vae, text_encoder, args.flip, urls, [], buckets)
     previous = check_out_folder(out, urls, started)
     # Every rank sees the same finished shards (before anyone writes) and takes its share of those left.
     todo = [i for i in range(len(urls)) if not shard_done(out, i)]
@@ -211,7 +238,7 @@ def cmd_latents(args, cfg):
     state.wait_for_everyone()
     if len(todo) < len(urls) and state.is_main_process:
         log.info("%d of %d shards are already written; keeping them", len(urls) - len(todo), len(urls))
-    writer = LatentWriter(cfg, vae, text_encoder, args.flip, args.batch_size, device)
+    writer = LatentWriter(cfg, vae, text_encoder, args.flip, args.batch_size, device, buckets)
     for i in tqdm(todo[rank::world], desc=f"encoding shards (rank {rank})", unit="shard",
                   disable=not state.is_main_process):
         info = writer.write_shard(urls[i], out / f"{i:05d}.tar")
@@ -222,7 +249,7 @@ def cmd_latents(args, cfg):
     state.wait_for_everyone()
     if state.is_main_process:
         infos = [read_json(out / f"{i:05d}.json") for i in range(len(urls))]
-        manifest = manifest_of(cfg, vae, text_encoder, args.flip, urls, infos)
+        manifest = manifest_of(cfg, vae, text_encoder, args.flip, urls, infos, buckets)
         write_json_atomic(out / latent_shards.MANIFEST, manifest)
         log.info("wrote %d latent samples (%s) in %d shards to %s; skipped %s. Train with data.shards=%s",
                  manifest["samples"], "×".join(map(str, manifest["latent_shape"])), len(urls), out,

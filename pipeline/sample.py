@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from diffusion import DEFAULT_STEPS, SAMPLERS  # noqa: E402
 from diffusion.gaussian import SPACINGS  # noqa: E402
-from pipeline.generate import make_jobs, run_jobs, save_grid  # noqa: E402
+from pipeline.generate import make_jobs, micro_conditioning, output_size, run_jobs, save_grid  # noqa: E402
 
 log = logging.getLogger("sample")
 
@@ -67,6 +67,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="sampler steps (default: the sampler's own default)")
     p.add_argument("--spacing", choices=SPACINGS, help="which timesteps the steps visit (default: the sampler's own; "
                    "`sd` is what Stable Diffusion pipelines (and pipeline/export.py's) use)")
+    p.add_argument("--width", type=int, help="image width in px (default: the training resolution; any multiple of the "
+                   "VAE's factor × the U-Net's downsampling, e.g. an aspect-ratio bucket's)")
+    p.add_argument("--height", type=int, help="image height in px (default: the training resolution)")
+    p.add_argument("--original-size", type=int, nargs=2, metavar=("W", "H"),
+                   help="size conditioning (models trained with micro_conditioning): the original image size to "
+                   "ask for (default: the output size)")
+    p.add_argument("--crop-top-left", type=int, nargs=2, metavar=("TOP", "LEFT"),
+                   help="crop conditioning: the crop's top-left corner to ask for (default: 0 0, an uncropped look)")
+    p.add_argument("--target-size", type=int, nargs=2, metavar=("W", "H"),
+                   help="target-size conditioning (default: the output size)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt and guidance scale")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward (does not change the images)")
     p.add_argument("--seed", type=int, default=0, help="base seed; image seeds derive from it, the prompt and image index")
@@ -103,19 +113,23 @@ def main(argv=None):
         prompts = read_prompts(args)
         device = state.device if state.num_processes > 1 else torch.device(args.device)
         model, encoder, diffusion, vae, meta = load_exported(args.model, device, ema=not args.no_ema)
+        size = output_size(meta["resolution"], args.width, args.height, model, vae)
+        micro = micro_conditioning(model, size, args.original_size, args.crop_top_left, args.target_size)
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)
     jobs = make_jobs(prompts, args.guidance, args.num_images, args.seed, args.negative_prompt)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    log.info("%d images (%d prompts × %d guidance × %d) with %s, %s steps, on %d process(es)", len(jobs), len(prompts),
-             len(args.guidance), args.num_images, args.sampler, args.steps or DEFAULT_STEPS[args.sampler],
-             state.num_processes)
-    records = run_jobs(jobs, model, encoder, diffusion, meta["resolution"], out, args.sampler, args.steps,
+    log.info("%d images (%d prompts × %d guidance × %d) of %d×%d px with %s, %s steps, on %d process(es)", len(jobs),
+             len(prompts), len(args.guidance), args.num_images, *size, args.sampler,
+             args.steps or DEFAULT_STEPS[args.sampler], state.num_processes)
+    records = run_jobs(jobs, model, encoder, diffusion, size, out, args.sampler, args.steps,
                        args.batch_size, state.process_index, state.num_processes, dtype,
                        progress=state.is_main_process,
                        extra_meta={"model": str(Path(args.model).resolve()), "model_step": meta["step"],
-                                   "ema": not args.no_ema}, vae=vae, spacing=args.spacing)
+                                   "ema": not args.no_ema, "width": size[0], "height": size[1],
+                                   **({"micro": micro} if micro else {})},
+                       vae=vae, spacing=args.spacing, micro=micro)
     state.wait_for_everyone()
     if state.is_main_process:
         with open(out / "metadata.jsonl", "w") as f:

@@ -42,7 +42,7 @@ from models.stable_diffusion import SDError, open_sd  # noqa: E402
 from models.text_encoders import CachedTextEncoder, build_text_encoder  # noqa: E402
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline import distributed as dist  # noqa: E402
-from pipeline.config import ConfigError, TrainConfig, load_config, save_config  # noqa: E402
+from pipeline.config import ConfigError, TrainConfig, bucket_step, load_config, save_config  # noqa: E402
 from pipeline.generate import cond_to, generate, image_seed  # noqa: E402
 from pipeline.validation import Validation  # noqa: E402
 
@@ -198,24 +198,55 @@ def batch_cond(batch, captions: list[str], encoder, empty: dict | None, device) 
     return {k: torch.where(dropped.view(-1, *[1] * (v.dim() - 1)), empty[k].to(v.dtype), v) for k, v in cond.items()}
 
 
+def batch_micro(batch, captions: list[str], vae, device) -> torch.Tensor:
+    """SDXL's size and crop conditioning of a batch (B, 6), zero (the null conditioning) where caption dropout emptied
+    the caption: the unconditional branch of guidance knows neither the caption nor the size."""
+    micro = batch.micro(vae.factor if batch.latents is not None else 1)
+    dropped = torch.tensor([c == "" for c in captions])
+    return micro.masked_fill(dropped[:, None], 0.0).to(device, non_blocking=True)
+
+
+def sample_shapes(cfg: TrainConfig, buckets) -> list[tuple[int, int]]:
+    """(width, height) of the sample grid's columns: logging.sample_shapes, else the square, or with buckets the
+    tallest, the squarest and the widest of them."""
+    if cfg.logging.sample_shapes:
+        return [tuple(s) for s in cfg.logging.sample_shapes]
+    if not buckets:
+        return [(cfg.data.resolution, cfg.data.resolution)]
+    ordered = sorted(buckets, key=lambda b: b[0] / b[1])
+    square = min(ordered, key=lambda b: abs(math.log(b[0] / b[1])))
+    return list(dict.fromkeys([ordered[0], square, ordered[-1]]))
+
+
 def save_sample_grid(sampler_model, encoder, diffusion, cfg: TrainConfig, path: Path | None, device,
-                     vae=None) -> Path | None:
-    """Fixed prompts at a fixed seed and guidance: the same picture at every step, so progress is visible. Written
-    to ``path`` (None: sample, write nothing: the other ranks under ZeRO-3, whose forward passes gather the shards)."""
+                     vae=None, shapes: list[tuple[int, int]] | None = None) -> Path | None:
+    """Fixed prompts at a fixed seed and guidance: the same picture at every step, so progress is visible. Rows:
+    prompts; columns: ``shapes`` (width, height) × images, each shape on a white tile of the largest. Written to
+    ``path`` (None: sample, write nothing: the other ranks under ZeRO-3, whose forward passes gather the shards)."""
     from torchvision.utils import save_image
 
     lc = cfg.logging
+    shapes = shapes or [(cfg.data.resolution, cfg.data.resolution)]
     prompts = [p for p in lc.sample_prompts for _ in range(lc.sample_per_prompt)]
     seeds = [image_seed(lc.sample_seed, i, j) for i in range(len(lc.sample_prompts)) for j in range(lc.sample_per_prompt)]
-    images = generate(sampler_model, encoder, diffusion, prompts, seeds, cfg.data.resolution,
-                      guidance=lc.sample_guidance, sampler=lc.sample_sampler, steps=lc.sample_steps,
-                      channels=sampler_model.cfg.in_channels, device=device,
-                      dtype=next(sampler_model.parameters()).dtype,  # bf16 weights under DeepSpeed without EMA
-                      vae=vae)
+    per_shape = [generate(sampler_model, encoder, diffusion, prompts, seeds, shape,
+                          guidance=lc.sample_guidance, sampler=lc.sample_sampler, steps=lc.sample_steps,
+                          channels=sampler_model.cfg.in_channels, device=device,
+                          dtype=next(sampler_model.parameters()).dtype,  # bf16 weights under DeepSpeed without EMA
+                          vae=vae) for shape in shapes]
     if path is None:
         return None
+    H, W = max(h for _, h in shapes), max(w for w, _ in shapes)
+    tiles = []
+    for i in range(len(prompts) // lc.sample_per_prompt):  # one row per prompt
+        for images in per_shape:
+            for img in images[i * lc.sample_per_prompt:(i + 1) * lc.sample_per_prompt]:
+                tile = torch.ones(3, H, W, device=img.device)
+                h, w = img.shape[-2:]
+                tile[:, (H - h) // 2:(H - h) // 2 + h, (W - w) // 2:(W - w) // 2 + w] = img
+                tiles.append(tile)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image((images + 1) / 2, path, nrow=lc.sample_per_prompt * 2, padding=1)
+    save_image((torch.stack(tiles) + 1) / 2, path, nrow=lc.sample_per_prompt * len(shapes), padding=1)
     return path
 
 
@@ -402,8 +433,6 @@ def read_inputs(args, cfg: TrainConfig, accelerator, ckpt_dir: Path) -> Inputs:
         raise ValueError(f"{resume_from} was saved by {data_state.get('world_size')} processes under DeepSpeed, whose "
                          f"ZeRO states are sharded per process: resume it on {data_state.get('world_size')} (a DDP "
                          f"run resumes on any number of processes with the same global batch)")
-    loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
-                    pin_memory=device.type == "cuda", grad_accum=cfg.optim.grad_accum)
     set_seed(cfg.train.seed)  # the same initial weights on every rank
     with dist.frozen_parts(accelerator):  # frozen: outside the optimiser, DDP and ZeRO
         text_encoder = build_text_encoder(cfg.text_encoder).to(device)
@@ -413,6 +442,15 @@ def read_inputs(args, cfg: TrainConfig, accelerator, ckpt_dir: Path) -> Inputs:
         encoder.load(cfg.text_encoder.cache)
     unet_cfg = network_config(cfg, text_encoder, vae)
     latent_geometry(unet_cfg, vae, cfg.data.resolution)
+    if cfg.data.buckets is not None:  # bucket sides: multiples of the VAE's factor × the U-Net's downsampling
+        cfg.data.bucket_step = bucket_step(cfg, vae.factor if vae is not None else 1)
+    multiple = (vae.factor if vae is not None else 1) * downsample_factor(unet_cfg)
+    bad = [s for s in cfg.logging.sample_shapes or [] if len(s) != 2 or min(s) < 1 or s[0] % multiple or s[1] % multiple]
+    if bad:
+        raise ValueError(f"logging.sample_shapes {bad}: each must be [width, height], multiples of {multiple} (the "
+                         f"VAE's factor × the U-Net's downsampling)")
+    loader = Loader(cfg.data, cfg.optim.batch_size, rank=rank, world_size=world, state=data_state,
+                    pin_memory=device.type == "cuda", grad_accum=cfg.optim.grad_accum)
     empty = None
     if loader.manifest is not None:
         check_manifest(loader.manifest, vae.identity() if vae is not None else None, cfg.data.resolution)
@@ -484,6 +522,8 @@ def train_step(cfg: TrainConfig, accelerator, inputs: Inputs, engine: Engine, di
         captions, dropped = drop_captions(batch.captions, batch.index, cfg.train.caption_dropout, cfg.train.seed)
         res.dropped += dropped
         cond = batch_cond(batch, captions, inputs.encoder, inputs.empty, device)
+        if getattr(inputs.unet_cfg, "micro_conditioning", False):
+            cond["micro"] = batch_micro(batch, captions, inputs.vae, device)
         x0 = batch_input(batch, inputs.vae, device)
         t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed)
         with accelerator.accumulate(engine.model):
@@ -531,13 +571,15 @@ def log_metrics(accelerator, run_dir: Path, step: int, meter: Meter, counts: Cou
                 bar) -> dict:
     """The log line, the tracker's points and metrics.jsonl (collective: the loss is the global batch's mean)."""
     elapsed = time.perf_counter() - meter.since
-    everyone = gather_object([(loader.skipped, loader.epoch)])
-    skipped = dict(sum((Counter(c) for c, _ in everyone), Counter()))
+    everyone = gather_object([(loader.skipped, loader.epoch, loader.waiting)])
+    skipped = dict(sum((Counter(c) for c, _, _ in everyone), Counter()))
     metrics = {"loss": accelerator.reduce(meter.loss, "mean").item() / max(1, meter.losses),
                "lr": engine.scheduler.get_last_lr()[0], "grad_norm": meter.grad_norm.item() / max(1, meter.norms),
                "images_per_s": meter.images * accelerator.num_processes / elapsed,
-               "data_wait_fraction": meter.wait / elapsed, **counts.metrics(), "epoch": min(e for _, e in everyone),
+               "data_wait_fraction": meter.wait / elapsed, **counts.metrics(), "epoch": min(e for _, e, _ in everyone),
                **{f"skipped/{k}": v for k, v in skipped.items()}}
+    if loader.buckets:  # samples carried over in partly filled buckets (data/buckets.py's policy: never dropped)
+        metrics["bucket_waiting"] = sum(w for _, _, w in everyone)
     write_metrics(accelerator, run_dir, step, metrics)
     bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
     log.info("step %d: loss %.4f, lr %.2e, grad norm %.3f, %.1f img/s, data wait %.0f%%, skipped steps %d "
@@ -574,7 +616,8 @@ def save_samples(cfg: TrainConfig, accelerator, run_dir: Path, step: int, inputs
     if accelerator.is_main_process or zero3_weights:
         model = engine.ema.ema_model if engine.ema is not None else accelerator.unwrap_model(engine.model)
         path = run_dir / "samples" / f"step_{step:08d}.png" if accelerator.is_main_process else None
-        save_sample_grid(model, inputs.encoder, diffusion, cfg, path, accelerator.device, inputs.vae)
+        save_sample_grid(model, inputs.encoder, diffusion, cfg, path, accelerator.device, inputs.vae,
+                         sample_shapes(cfg, inputs.loader.buckets))
         if path is not None:
             _log_image(accelerator, path, step)
     accelerator.wait_for_everyone()

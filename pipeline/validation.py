@@ -49,7 +49,8 @@ class ValidationConfig:
 
 
 def held_out(cfg: ValidationConfig, data: DataConfig, urls: list[str], manifest: dict | None) -> list[tuple]:
-    """The first ``num_samples`` usable samples of the held-out shards, in order: (image or latent, caption)."""
+    """The first ``num_samples`` usable samples of the held-out shards, in order: (image or latent, caption, size and
+    crop conditioning (6,): original (h, w), crop (top, left), target (h, w), for models that take it)."""
     transform = SampleTransform(DataConfig(**{**data.__dict__, "shards": cfg.shards, "flip": False,
                                               "crop": "center"}), manifest)
     skipped = {}
@@ -61,11 +62,12 @@ def held_out(cfg: ValidationConfig, data: DataConfig, urls: list[str], manifest:
         for url in urls:
             for raw in read_shard(url, counts, data.retries, data.retry_delay):
                 try:
-                    x, caption, *_ = transform(raw, epoch=0)
+                    smp = transform.sample(raw, epoch=0)
                 except BadSample as bad:
                     counts[bad.reason] += 1
                     continue
-                yield x, caption
+                r = data.resolution  # held-out samples are square centre crops
+                yield smp.x, smp.caption, [smp.size[1], smp.size[0], *smp.box, r, r]
         skipped.update(counts)
 
     samples = list(islice(usable(), cfg.num_samples))
@@ -95,13 +97,14 @@ class Validation:
         if world > 1:  # every rank must hold the same set (a remote shard given up on one rank would differ)
             from accelerate.utils import gather_object
 
-            print_ = hashlib.sha256("\n".join(c for _, c in samples).encode()).hexdigest()[:16]
+            print_ = hashlib.sha256("\n".join(c for _, c, _ in samples).encode()).hexdigest()[:16]
             seen = set(gather_object([(len(samples), print_)]))
             if len(seen) > 1:
                 raise ValueError(f"validation.shards={cfg.shards!r}: the processes read different held-out sets "
                                  f"{sorted(seen)} (a shard unreadable on some of them?)")
-        self.captions = [c for _, c in samples]
-        x = torch.from_numpy(np.stack([s for s, _ in samples]))
+        self.captions = [c for _, c, _ in samples]
+        self.micro = torch.tensor([m for _, _, m in samples], dtype=torch.float32)  # (N, 6)
+        x = torch.from_numpy(np.stack([s for s, _, _ in samples]))
         if manifest is None:  # image shards: (N, R, R, 3) uint8 → pixels, encoded once when there is a VAE
             x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1)
             if vae is not None:
@@ -126,6 +129,7 @@ class Validation:
             sl = slice((c if c < chunks else 0) * b, min(n, ((c if c < chunks else 0) + 1) * b))
             cond = {k: v.to(self.device) for k, v in self.encoder.encode(self.captions[sl]).items()}
             cond = {k: v.float() if v.is_floating_point() else v for k, v in cond.items()}
+            cond["micro"] = self.micro[sl].to(self.device)  # read by models with size and crop conditioning only
             x0, t, noise = (v[sl].to(self.device) for v in (self.x0, self.t, self.noise))
             with autocast() if autocast is not None else contextlib.nullcontext():
                 losses = self.diffusion.training_losses(net, x0, cond, t=t, noise=noise)["loss"].float().cpu()

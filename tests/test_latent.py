@@ -83,6 +83,26 @@ def test_vae_loads_from_folder_pipeline_folder_and_single_file_and_applies_scale
     assert override.identity()["fingerprint"] == vae.fingerprint and override.identity() != vae.identity()
 
 
+def test_per_channel_latent_statistics_standardise_each_channel(tmp_path):
+    """A VAE config with latents_mean / latents_std (diffusers' per-channel convention): encode gives
+    (μ − mean_c)·scale/std_c, decode undoes it, the identity (what latent shards are checked against) includes them."""
+    folder = make_vae(tmp_path / "vae", scaling_factor=0.5)
+    plain = load_autoencoder(AutoencoderConfig(path=str(folder)))
+    cfg = json.loads((folder / "config.json").read_text())
+    mean, std = [0.5, -1.0, 2.0, 0.0], [2.0, 0.5, 1.0, 3.0]
+    (folder / "config.json").write_text(json.dumps({**cfg, "latents_mean": mean, "latents_std": std}))
+    vae = load_autoencoder(AutoencoderConfig(path=str(folder), dtype="fp32"))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mu = vae.vae.encode(x).latent_dist.mean
+    want = (mu - torch.tensor(mean).view(1, 4, 1, 1)) * 0.5 / torch.tensor(std).view(1, 4, 1, 1)
+    torch.testing.assert_close(vae.encode(x), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(vae.decode(vae.encode(x)), plain.decode(plain.encode(x)), rtol=1e-5, atol=1e-5)
+    assert vae.identity()["latents_mean"] == mean and "latents_mean" not in plain.identity()
+    with pytest.raises(ValueError, match="made by another VAE"):
+        latent_shards.check_manifest({"vae": plain.identity(), "resolution": 16, "complete": True}, vae.identity(), 16)
+
+
 def ldm_names(state: dict, levels: int) -> dict:
     """A diffusers AutoencoderKL state dict under the original latent-diffusion key names (what the published
     single-file VAEs, e.g. sdxl_vae.safetensors, use): the inverse of diffusers' own conversion."""
