@@ -1,11 +1,15 @@
 """Loader throughput vs the per-core ceiling (a bare loop of PIL decode + resize + crop over the same JPEG bytes).
 
     python benchmarks/bench_data.py [--images 600] [--source-size 512]
+    python benchmarks/bench_data.py --buckets      # aspect-ratio buckets vs square crops (data/buckets.py)
 
 Writes JPEG shards of photo-like images (smooth colour fields + noise, ``--source-size`` px on the long side) to a
 temporary folder, then measures samples/s of ``data.Loader`` (exact mode, shuffle buffer on) with 0, 1 and 2
 DataLoader workers at 256 px and 64 px output, with the JPEG draft (DCT-domain downscale) on and off. The ceiling
 decodes fully and resizes with the same filter, in one process, with the bytes already in memory.
+
+``--buckets``: the same loader with ``data.buckets=auto`` (about 256² px, sides multiples of 64) against square
+256 px crops, on the same landscape and portrait JPEGs, with 0, 1 and 2 workers; run each side twice, alternating.
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ def ceiling(blobs, resolution):
     return len(blobs) / (time.perf_counter() - t)
 
 
-def loader_rate(folder, n, resolution, workers, draft):
+def loader_rate(folder, n, resolution, workers, draft, buckets=None):
     cfg = DataConfig(shards=folder, resolution=resolution, num_workers=workers, shuffle_buffer=100,
-                     jpeg_draft=draft)
+                     jpeg_draft=draft, buckets=buckets, bucket_step=64 if buckets else 0)
     loader = Loader(cfg, batch_size=25)
     it = iter(loader)
     next(it)  # worker start-up is not throughput
@@ -74,10 +78,23 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600, help="number of JPEGs (even workers need ≥ 2 shards each)")
     parser.add_argument("--source-size", type=int, default=512, help="long side of the source JPEGs")
+    parser.add_argument("--buckets", action="store_true", help="compare aspect-ratio buckets with square crops")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as folder:
         blobs = write_shards(folder, args.images, args.source_size)
+        if args.buckets:
+            print(f"{args.images} JPEGs of {args.source_size} px (landscape and portrait), {cores} cores; img/s, "
+                  f"best of 2")
+            print("| workers | square 256 px | buckets (auto, ~256² px) | buckets / square |")
+            print("|---|---|---|---|")
+            for workers in (0, 1, 2):
+                square = bucketed = 0.0
+                for _ in range(2):
+                    square = max(square, loader_rate(folder, args.images, 256, workers, True))
+                    bucketed = max(bucketed, loader_rate(folder, args.images, 256, workers, True, "auto"))
+                print(f"| {workers} | {square:.0f} | {bucketed:.0f} | {bucketed / square:.3f} |", flush=True)
+            return
         print(f"{args.images} JPEGs of {args.source_size} px, {cores} cores")
         print("| output | bare PIL loop (img/s) | loader, workers | draft | img/s | ratio to ceiling per core |")
         print("|---|---|---|---|---|---|")

@@ -29,7 +29,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
              resolution: int | tuple[int, int], guidance: float = 3.0, negative: list[str] | None = None,
              sampler: str = "ddim", steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
              clip_x0: float | None = 1.0, progress_callback=None, vae=None, spacing: str | None = None,
-             noise: torch.Tensor | None = None, micro: list[float] | None = None) -> torch.Tensor:
+             noise: torch.Tensor | None = None, micro: list[float] | None = None,
+             rescale: float = 0.0) -> torch.Tensor:
     """One batch: images (B, 3, H, W) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``; ``resolution`` is a square's
     side or a (width, height) (an aspect-ratio bucket's shape, say).
 
@@ -40,7 +41,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
     spacing (default: the sampler's). ``noise``: the initial x_T itself, instead of drawing it from the seeds.
     ``micro``: for a model with size and crop conditioning, original (h, w), crop (top, left), target (h, w) in
     pixels (default: the output size, crop 0, 0, as SDXL's pipeline asks); the unconditional branch gets none, as
-    training drops it with the caption."""
+    training drops it with the caption. ``rescale``: guidance rescale φ (Lin et al. 2024; diffusers'
+    ``guidance_rescale``), which keeps the guided prediction's spread at the conditional one's."""
     device = device or next(model.parameters()).device
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
@@ -62,7 +64,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
         return model(x.to(dtype), t, c).float()
 
     images = sample(sampler, net, noise, diffusion, steps=steps, cond=cond,
-                    guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=None if vae is not None else clip_x0),
+                    guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=None if vae is not None else clip_x0,
+                                      rescale=rescale),
                     generator=gens, callback=progress_callback, spacing=spacing)
     if vae is not None:
         images = vae.decode(images)
@@ -138,7 +141,8 @@ def make_jobs(prompts: list[dict], guidances: list[float], num_images: int, seed
 def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple[int, int], out_dir: Path,
              sampler: str, steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
              skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
-             vae=None, spacing: str | None = None, micro: list[float] | None = None) -> list[dict]:
+             vae=None, spacing: str | None = None, micro: list[float] | None = None,
+             rescale: float = 0.0) -> list[dict]:
     """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata.
     ``resolution``: a square's side or (width, height); ``micro``: see ``generate``."""
     from PIL import Image
@@ -158,7 +162,7 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple
                 images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
                                   resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
                                   steps=steps, channels=model.cfg.in_channels, device=device, vae=vae,
-                                  spacing=spacing, micro=micro)
+                                  spacing=spacing, micro=micro, rescale=rescale)
             for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
                 tmp = images_dir / (j.name + ".tmp")
                 Image.fromarray(img).save(tmp, format="PNG")
@@ -166,7 +170,8 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple
             bar.update(len(batch))
     bar.close()
     return [{"file": f"images/{j.name}", "prompt": j.prompt, "negative_prompt": j.negative, "seed": j.seed,
-             "guidance": j.guidance, "sampler": sampler, "steps": steps or DEFAULT_STEPS[sampler],
+             "guidance": j.guidance, **({"guidance_rescale": rescale} if rescale else {}), "sampler": sampler,
+             "steps": steps or DEFAULT_STEPS[sampler],
              "spacing": spacing or DEFAULT_SPACING[sampler],
              "prompt_index": j.prompt_index, "image_index": j.image_index, **(extra_meta or {})} for j in jobs]
 

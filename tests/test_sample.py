@@ -73,6 +73,13 @@ def test_guidance_and_negative_prompt(model_dir, tmp_path):
     assert np.abs(next(iter(images(neg).values())).astype(int) - g1).max() <= 1
     several = images(run(model_dir, tmp_path / "several", *p, "--guidance", "1", "3", "5"))
     assert len(several) == 3
+    # guidance rescale (Lin et al. 2024): a no-op without guidance (the guided output is the conditional one), a
+    # change with it, and recorded in the metadata
+    r1 = run(model_dir, tmp_path / "r1", *p, "--guidance", "1", "--guidance-rescale", "0.7")
+    assert np.abs(next(iter(images(r1).values())).astype(int) - g1).max() <= 1
+    r5 = run(model_dir, tmp_path / "r5", *p, "--guidance", "5", "--guidance-rescale", "0.7")
+    assert np.abs(next(iter(images(r5).values())).astype(int) - g5).max() > 10
+    assert json.loads((r5 / "metadata.jsonl").read_text().splitlines()[0])["guidance_rescale"] == 0.7
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -105,6 +112,7 @@ def test_two_processes_make_the_same_images(model_dir, tmp_path):
     ("sampler", ["--sampler", "euler_ancestral_magic"], "unknown sampler"),
     ("steps", ["--steps", "0"], "--steps must be"),
     ("guidance", ["--guidance", "-1"], "--guidance must be"),
+    ("rescale", ["--guidance-rescale", "1.5"], "--guidance-rescale must lie"),
     ("empty_file", ["--prompt-file", "EMPTY"], "holds no prompt"),
     ("no_prompt", [], "at least one --prompt"),
 ])
