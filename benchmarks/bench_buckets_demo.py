@@ -7,10 +7,10 @@ The data: portraits (64×128) with a disc near the top, landscapes (128×64) wit
 crop cuts the disc of every portrait and landscape (as it cuts the heads off portraits); a bucket of the image's own
 shape keeps it whole.
 
-Two runs of the demo recipe at 48 px (the tiny U-Net, pixel space), the same steps and seed: ``square`` (centre crops
-of 48×48, the default) and ``buckets`` (data.buckets = 32×64, 48×48, 64×32, with size and crop conditioning). Each
+Two runs of the demo recipe at 32 px (the tiny U-Net, pixel space), the same steps and seed: ``square`` (centre crops
+of 32×32, the default) and ``buckets`` (data.buckets = 24×48, 32×32, 48×24, with size and crop conditioning). Each
 samples ``--images`` images per shape; an image keeps the object whole when its coloured pixels form a blob of at
-least 40 px that touches no border. Prints a table (figures in benchmarks/README.md) and writes a PNG of the samples.
+least 20 px that touches no border. Prints a table (figures in benchmarks/README.md) and writes a PNG of the samples.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 50, 220)}
 SHAPES = {"portrait": ((64, 128), (32, 28)), "landscape": ((128, 64), (28, 32)), "square": ((96, 96), (48, 48))}
-BUCKETS = [[32, 64], [48, 48], [64, 32]]
+BUCKETS = [[24, 48], [32, 32], [48, 24]]
 
 
 def write_data(folder: Path, count: int = 3072, per_shard: int = 384, seed: int = 0) -> str:
@@ -55,9 +55,9 @@ def write_data(folder: Path, count: int = 3072, per_shard: int = 384, seed: int 
 
 
 def whole(img: np.ndarray) -> bool:
-    """The object is in frame: its coloured pixels (far from white) number ≥ 40 and none lies on the border."""
+    """The object is in frame: its coloured pixels (far from white) number ≥ 20 and none lies on the border."""
     mask = (img.astype(int).min(-1) < 150)
-    if mask.sum() < 40:
+    if mask.sum() < 20:
         return False
     return not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
@@ -72,7 +72,7 @@ def main():
     out = Path(args.out)
     shards = write_data(out / "data") if not (out / "data").is_dir() else str(out / "data" / "{00000..00007}.tar")
     python = sys.executable
-    common = [f"data.shards={shards}", "data.resolution=48", "data.shuffle_buffer=256", "logging.tracker=none",
+    common = [f"data.shards={shards}", "data.resolution=32", "data.shuffle_buffer=256", "logging.tracker=none",
               "logging.sample_every=0", f"optim.decay_steps={args.steps}", "checkpoint.every=100000"]
     if args.text_encoder:
         common.append(f"text_encoder.pretrained={args.text_encoder}")

@@ -225,7 +225,7 @@ def read_captions(spec, keys: list[str], skipped: Counter):
 class Sample:
     """One decoded training sample."""
 
-    x: np.ndarray  # image uint8 (H, W, 3), or latent (C, h, w)
+    x: np.ndarray  # image uint8 (H, W, 3), or latent (C, h, w) (a tensor once a bucketing worker hands it over)
     caption: str
     key: str
     size: tuple[int, int]  # original (width, height)
@@ -469,7 +469,10 @@ class ShardStream(IterableDataset):
                     streams.append(s)
             common = {"streams": streams, "positions": {s: positions[s] for s in mine},
                       "counts": {s: dict(counts[s]) for s in mine}}
-            if self.buckets:
+            if self.buckets:  # tensors, not arrays: a worker hands them over in shared memory, not through a pipe
+                for smp, *_ in items:
+                    smp.x = torch.from_numpy(np.require(smp.x, requirements="W"))  # PIL gives read-only arrays
+                    smp.text = {k: torch.from_numpy(v) for k, v in smp.text.items()} if smp.text is not None else None
                 yield {**common, "samples": items}
                 continue
             smps = [i[0] for i in items]
@@ -737,11 +740,11 @@ class Loader:
             base = self.steps * lay.global_batch + first
             self.steps += 1
             key = "latents" if self.manifest is not None else "images"
-            x = torch.as_tensor(np.stack([t[0].x for t in taken]))
+            x = torch.stack([t[0].x for t in taken])
             if key == "images":
                 x = x.permute(0, 3, 1, 2)  # (B, H, W, 3) → (B, 3, H, W), uint8
             texts = [t[0].text for t in taken]
-            text = {k: torch.as_tensor(np.stack([t[k] for t in texts])) for k in texts[0]} if texts[0] else None
+            text = {k: torch.stack([t[k] for t in texts]) for k in texts[0]} if texts[0] else None
             sizes = torch.tensor([t[0].size for t in taken])
             boxes = torch.tensor([t[0].box for t in taken])
             for m in range(lay.grad_accum):
