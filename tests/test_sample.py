@@ -84,10 +84,14 @@ def test_guidance_and_negative_prompt(model_dir, tmp_path):
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
 def test_every_sampler_from_the_command_line(model_dir, tmp_path, sampler):
-    res = subprocess.run([sys.executable, "pipeline/sample.py", "--model", str(model_dir), "--out", str(tmp_path),
-                          "--prompt", PROMPTS[1], "--sampler", sampler, "--steps", "3", "--guidance", "2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    argv = ["--model", str(model_dir), "--out", str(tmp_path), "--prompt", PROMPTS[1], "--sampler", sampler, "--steps",
+            "3", "--guidance", "2"]
+    if sampler == "ddim":  # one as a user runs it (a fresh interpreter); the others in this process: the same code
+        res = subprocess.run([sys.executable, "pipeline/sample.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    else:
+        sample.main(argv)
     (img,) = images(tmp_path).values()
     assert img.shape == (16, 16, 3) and img.std() > 0
 
