@@ -10,7 +10,8 @@ shape keeps it whole.
 Two runs of the demo recipe at 32 px (the tiny U-Net, pixel space), the same steps and seed: ``square`` (centre crops
 of 32×32, the default) and ``buckets`` (data.buckets = 24×48, 32×32, 48×24, with size and crop conditioning). Each
 samples ``--images`` images per shape; an image keeps the object whole when its coloured pixels form a blob of at
-least 20 px that touches no border. Prints a table (figures in benchmarks/README.md) and writes a PNG of the samples.
+least 20 px that touches no border. Prints a table (figures in benchmarks/README.md) and writes OUT/comparison.png:
+a row of sample grids per run, one grid per shape.
 """
 
 from __future__ import annotations
@@ -62,6 +63,22 @@ def whole(img: np.ndarray) -> bool:
     return not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
+def write_comparison(out: Path):
+    """OUT/comparison.png: one row per run (square, buckets), one sample grid per shape, on grey."""
+    grids = [[Image.open(out / "samples" / f"{name}_{w}x{h}" / "grid.png").convert("RGB") for w, h in BUCKETS]
+             for name in ("square", "buckets")]
+    gap = 10
+    width = sum(g.width for g in grids[0]) + gap * (len(BUCKETS) - 1)
+    height = max(g.height for g in grids[0])
+    canvas = Image.new("RGB", (width, 2 * height + gap), (128, 128, 128))
+    for r, row in enumerate(grids):
+        x = 0
+        for g in row:
+            canvas.paste(g, (x, r * (height + gap)))
+            x += g.width + gap
+    canvas.save(out / "comparison.png")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/buckets_demo", help="folder for the data, the runs and the samples")
@@ -94,6 +111,7 @@ def main():
             files = sorted((folder / "images").glob("*.png"))
             ok = [whole(np.asarray(Image.open(f).convert("RGB"))) for f in files]
             rows.append((name, f"{w}×{h}", sum(ok), len(ok)))
+    write_comparison(out)
     print("| training crops | sampled at | object whole |")
     print("|---|---|---|")
     for name, shape, k, n in rows:
