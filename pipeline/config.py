@@ -23,6 +23,9 @@ from models.text_encoders import TextEncoderConfig
 from pipeline.validation import ValidationConfig
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type, bad value."""
 
@@ -83,6 +86,11 @@ class TrainSection:
     # torch.compile the U-Net's training forward/backward (inductor). Compiled in place, so checkpoints keep their
     # keys. The first step compiles (a minute or more on a CPU); not with DeepSpeed (refused at start).
     compile: bool = False
+    # torch.compile's backend and mode: inductor (Triton kernels on a GPU) with its default mode, or e.g. mode
+    # "max-autotune" (longer compile, tuned kernels). backend "aot_eager" traces forward and backward exactly as inductor
+    # receives them but runs them eagerly: seconds to compile, for finding a compile problem (and for the CPU tests).
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None  # default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs (inductor)
     # Feed the U-Net channels_last (NHWC) batches; its activations follow (the weights stay NCHW, so checkpoints and
     # DeepSpeed are unaffected). Faster convolutions on CPUs (oneDNN, most of all in bf16); not yet timed on a GPU,
     # where the GroupNorm node copies to NCHW and back (CUDA's GroupNorm takes NCHW only).
@@ -161,10 +169,20 @@ class TrainConfig:
             (self.logging.tracker in ("tensorboard", "wandb", "none"), "logging.tracker must be tensorboard, wandb or none"),
             (self.checkpoint.every >= 1 and self.checkpoint.keep_last >= 1, "checkpoint.every and keep_last must be ≥ 1"),
             (0 < self.ema.decay < 1, "ema.decay must be in (0, 1)"),
+            (self.train.compile_mode in COMPILE_MODES, f"train.compile_mode must be one of {COMPILE_MODES[1:]} or null"),
+            (self.train.compile_mode is None or self.train.compile_backend == "inductor",
+             "train.compile_mode is inductor's: set train.compile_backend=inductor or compile_mode=null"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.train.compile:
+            import torch._dynamo
+
+            backends = torch._dynamo.list_backends(exclude_tags=())
+            if self.train.compile_backend not in backends:
+                raise ConfigError(f"train.compile_backend={self.train.compile_backend!r} is not a torch.compile backend "
+                                  f"here; available: {', '.join(backends)}")
         return self
 
 

@@ -485,8 +485,10 @@ def build_engine(cfg: TrainConfig, accelerator, inputs: Inputs) -> Engine:
     if ema is not None:
         ema.to(accelerator.device)
     if cfg.train.compile:
-        log.info("train.compile: the U-Net runs through torch.compile; the first step compiles it (minutes on a CPU)")
-        model.compile()  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
+        t = cfg.train
+        log.info(f"train.compile: the U-Net runs through torch.compile (backend {t.compile_backend}, mode "
+                 f"{t.compile_mode or 'default'}); the first step compiles it (minutes with inductor on a CPU)")
+        model.compile(backend=t.compile_backend, mode=t.compile_mode)  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
     # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                   eps=o.eps, fused=True)
