@@ -160,10 +160,12 @@ def pairwise_cases() -> list[Case]:
 # engine's bf16 weights, on rank 0 under ZeRO-2 and on every rank under ZeRO-3; ZeRO-3 × bf16 × accumulation).
 EXTRA = [Case("8gpu_zero2.yaml", "base64.yaml", "bf16", 2, False), Case("8gpu_zero3.yaml", "demo.yaml", "bf16", 2, False)]
 CASES = pairwise_cases() + EXTRA
-# Resumed after step 2 (to 3): each launch file and each config at least once — resume's exactness is tested per
-# engine elsewhere (test_train, the fault injection below), and each resume costs a whole launch.
-RESUMED = {next(c for c in CASES if c.launch == f) for f in LAUNCH_FILES} | \
-    {next(c for c in reversed(CASES) if c.config == f) for f in PIXEL_CONFIGS}
+# Resumed after step 2 (to 3): each launch file once, its case with the most state to restore (fp16's loss scaler,
+# then accumulation, then EMA), on the cheaper config where it ties — resume's exactness is tested per engine
+# elsewhere (test_train, the fault injection below), the configs differ only in sizes, and each resume is a launch.
+RESUMED = {max((c for c in CASES if c.launch == f), key=lambda c: (c.precision == "fp16", c.accum, c.ema,
+                                                                   c.config == "demo.yaml"))
+           for f in LAUNCH_FILES}
 RESUMED.add(Case("8gpu_zero2.yaml", "finetune_sd.yaml", "bf16", 1, True))  # the diffusers family, resumed exactly
 
 
@@ -174,8 +176,7 @@ def test_matrix_covers_every_pair_and_every_shipped_launch_file():
         if a < b and valid({a: va, b: vb}):
             assert ((a, va), (b, vb)) in covered or ((b, vb), (a, va)) in covered, (a, va, b, vb)
     assert len(CASES) <= 12 and len(set(CASES)) == len(CASES)
-    assert {c.launch for c in RESUMED} == set(LAUNCH_FILES) and {c.config for c in RESUMED if c in CASES} == \
-        set(PIXEL_CONFIGS)
+    assert {c.launch for c in RESUMED} == set(LAUNCH_FILES)
     # every shipped launch file, DeepSpeed JSON, run config and text-tower config is run by the matrix
     assert {c.launch for c in CASES} == set(LAUNCH_FILES) and {c.config for c in CASES} == set(PIXEL_CONFIGS)
     assert {c.config for c, _ in LATENT_CASES} == set(LATENT_CONFIGS) and LATENT_CONFIGS

@@ -50,10 +50,11 @@ def _run(case, d, model, x, seed=1):
     return sample(_name(case), model, x, d, steps=steps, generator=torch.Generator().manual_seed(seed), **opts)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_gaussian_data_recovered(case, schedule):
-    d = GaussianDiffusion.from_config(DiffusionConfig(schedule=schedule))
+def test_gaussian_data_recovered(case):
+    # ε-prediction on the linear schedule; every sampler also runs on the cosine (and linear) schedule with
+    # v-prediction below (test_zero_terminal_snr_every_sampler_at_default_steps)
+    d = GaussianDiffusion.from_config(DiffusionConfig(schedule="linear"))
     model = GaussianMixtureModel(d, MU[None], [S])
     out = _run(case, d, model, _prior(d, MU[None], [S], [1.0], N, seed=0))
     budget = CASES[case][2]
@@ -95,12 +96,13 @@ DEFAULT_STEPS_BUDGET = {"ddpm": 0.02, "ddim": 0.07, "euler_maruyama": 0.02, "heu
                         "langevin": 0.07, "pc": 0.02}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])  # float32: as sampled
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("name", list(SAMPLERS))
-def test_zero_terminal_snr_every_sampler_at_default_steps(name, schedule, dtype):
+def test_zero_terminal_snr_every_sampler_at_default_steps(name, schedule):
     """ᾱ_T = 0: no NaN (the linear schedule has steps with 0 < ᾱ < 2⁻²⁴ next to it), and x̂_0 is not lost in the
-    first step from σ = ∞ (Heun); mean and spread within each sampler's own default-steps error."""
+    first step from σ = ∞ (Heun); mean and spread within each sampler's own default-steps error. In float32, as
+    images are sampled (where ᾱ < 2⁻²⁴ rounds; float64 hides it)."""
+    dtype = torch.float32
     d = GaussianDiffusion.from_config(DiffusionConfig(prediction="v", zero_terminal_snr=True, schedule=schedule))
     model = GaussianMixtureModel(d, MU[None], [S])
     x = torch.randn(N, 2, generator=torch.Generator().manual_seed(0), dtype=dtype)  # p_T is exactly N(0, I)
