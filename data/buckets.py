@@ -6,16 +6,18 @@ multiples of ``data.bucket_step`` (the VAE's factor × the U-Net's downsampling:
 resized to cover it and cropped (``data.crop``), its original size and crop kept for SDXL-style micro-conditioning.
 
 How a global batch is chosen (data/loader.py's canonical streams): every stream admits its decoded samples, in its
-own order, into per-bucket queues until it holds ``lookahead`` of them; the step's bucket is the one with the most
-samples queued over *all* streams (one small all-gather per step: every rank gets the same answer); every stream
-then admits further until it holds q samples of that bucket and gives the oldest q. All of it follows from the
+own order, into per-bucket queues until it holds ``lookahead`` of them; the step's bucket is, among the buckets in
+which every stream holds q samples, the one with the most queued over *all* streams (one small all-gather per try:
+every rank gets the same answer); while no bucket qualifies, every stream admits one more sample and tries again.
+Each stream then gives its oldest q samples of that bucket. All of it follows from the
 streams' contents alone, so the sequence of (bucket, samples) does not depend on the number of processes or
 workers, and a checkpoint saves each stream's queued samples (by position) with its read position: exact resume
 includes the partly filled buckets.
 
 Policy for what is left: a sample waits in its bucket's queue until its bucket is chosen, across epoch boundaries
 (nothing is dropped); how many wait is logged (``bucket_waiting``). A bucket too rare to fill a batch keeps its
-samples waiting (they are read again on resume, never decoded twice in one run).
+samples waiting (they are read again on resume, never decoded twice in one run); only when no bucket at all can be
+filled after 64·q more samples per stream does the run stop, with an error that says what to change.
 """
 
 from __future__ import annotations

@@ -61,12 +61,14 @@ def image_keys() -> tuple[str, ...]:
     return first + tuple(rest)
 
 
-def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str = "white") -> Image.Image:
+def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str = "white",
+                 size: list | None = None) -> Image.Image:
     """Decode encoded image bytes to an RGB PIL image, fully loaded (a truncated file fails here, not later).
 
     ``draft_size``: let the JPEG decoder downscale by a power of two while the shorter side stays ≥ this
     (DCT-domain scaling: much faster for big photos; the final resize still sets the exact size).
-    ``alpha``: transparency composited on "white" or dropped ("drop", as pytorch-fid reads a folder)."""
+    ``alpha``: transparency composited on "white" or dropped ("drop", as pytorch-fid reads a folder).
+    ``size``, when given, receives the file's own [width, height] (before any draft downscaling)."""
     if data is None:
         raise BadSample("missing_image")
     if len(data) == 0:
@@ -75,6 +77,8 @@ def decode_image(data: bytes | None, draft_size: int | None = None, alpha: str =
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd EXIF / palette transparency; the sample is fine
             img = Image.open(io.BytesIO(data))
+            if size is not None:
+                size[:] = list(img.size)
             if draft_size and img.format == "JPEG":
                 w, h = img.size
                 scale = min(w, h) / draft_size
@@ -115,16 +119,17 @@ def resize_crop(img: Image.Image, resolution: int | tuple[int, int], crop: str =
     """Resize the image to cover the target (anti-aliased ``resample`` filter: the shorter side to ``resolution`` for
     a square), crop it — centred, or at a uniformly random offset with ``crop="random"`` — and mirror it horizontally
     half of the time if ``flip``. Returns a (height, width, 3) uint8 array; ``box``, when given, receives [top, left]
-    of the crop in the resized image."""
+    of the crop in the resized image, then the left of the same crop in the mirrored resized image (when the
+    output is mirrored, the two lefts swap: [top, left] is what the returned pixels show)."""
     nw, nh, left, top = crop_box(img.size, resolution, crop, rng)
     tw, th = _target(resolution)
     if (nw, nh) != img.size:
         img = img.resize((nw, nh), FILTERS[resample], reducing_gap=None)
     if box is not None:
-        box[:] = [top, left]
+        box[:] = [top, left, nw - left - tw]
     arr = np.asarray(img.crop((left, top, left + tw, top + th)))
     if flip and rng is not None and rng.random() < 0.5:
         arr = arr[:, ::-1]
         if box is not None:  # the crop as seen in the mirrored image (what SDXL's crop conditioning describes)
-            box[1] = nw - left - tw
+            box[1], box[2] = box[2], box[1]
     return np.ascontiguousarray(arr)

@@ -7,7 +7,8 @@ A latent shard is a WebDataset tar like the image shards, one sample per image t
     KEY.text.npz         the caption's embedding: tokens (L, D) float16, mask (L,) bool, pooled (D,) float16
                          (only with --text)
     KEY.txt              the caption
-    KEY.json             {"original_size": [w, h], "crop_top_left": [top, left], "source": shard URL}
+    KEY.json             {"original_size": [w, h], "crop_top_left": [top, left], "source": shard URL; with --flip
+                         "crop_top_left_flip": the crop's corner in the mirrored image; with buckets "bucket"}
 
 ``DIR/manifest.json`` (``"kind": "latents"``) names the VAE (a fingerprint of its weights), its scale and shift, the
 resolution, the crop, the latent shape, the text encoder when embeddings are stored, and the counts. Training reads

@@ -112,6 +112,12 @@ class DataConfig:
             raise ValueError(f"data.retries must be in [0, 100], got {self.retries}")
         if not 0 <= self.retry_delay <= 600:
             raise ValueError(f"data.retry_delay must be in [0, 600] seconds, got {self.retry_delay}")
+        if self.max_aspect and self.max_aspect < 1:
+            raise ValueError(f"data.max_aspect is a long/short side ratio: 0 (off) or ≥ 1, got {self.max_aspect}")
+        if self.bucket_step < 0:
+            raise ValueError(f"data.bucket_step must be ≥ 0, got {self.bucket_step}")
+        if self.buckets is not None and self.buckets != "auto":  # a list: checked now, before any model loads
+            parse_buckets(self.buckets, self.resolution, self.bucket_step, self.max_aspect)
 
 
 def _is_url(s: str) -> bool:
@@ -232,6 +238,7 @@ class Sample:
     text: dict | None  # stored caption embedding (latent shards)
     box: tuple[int, int]  # the crop's (top, left) in the resized image
     bucket: int  # index into data.buckets (0 without buckets)
+    mirror_left: int = 0  # the left of the same crop in the mirrored resized image (precompute --flip stores it)
 
 
 class SampleTransform:
@@ -265,8 +272,9 @@ class SampleTransform:
         ext = next((k for k in IMAGE_KEYS if k in raw), None)
         if ext is None:
             raise BadSample("missing_image")
-        img = decode_image(raw[ext], draft_size=2 * cfg.resolution if cfg.jpeg_draft else None)
-        size = img.size
+        stored: list = []
+        img = decode_image(raw[ext], draft_size=2 * cfg.resolution if cfg.jpeg_draft else None, size=stored)
+        size = tuple(stored)  # the file's own size (a JPEG draft decodes smaller): SDXL's "original size"
         if cfg.min_size and min(size) < cfg.min_size:
             raise BadSample("too_small")
         if cfg.max_aspect and max(size) / min(size) > cfg.max_aspect:
@@ -278,7 +286,7 @@ class SampleTransform:
         target = self.buckets[bucket] if self.buckets else cfg.resolution
         box: list = []
         arr = resize_crop(img, target, cfg.crop, cfg.flip, rng, cfg.resize_filter, box)
-        return Sample(arr, caption, raw["__key__"], size, None, tuple(box), bucket)
+        return Sample(arr, caption, raw["__key__"], size, None, tuple(box[:2]), bucket, box[2])
 
     def latent(self, raw: dict, epoch: int, caption: str) -> Sample:
         """A latent-shard sample: the stored latent (the mirrored one half of the time with data.flip, chosen as
@@ -291,6 +299,8 @@ class SampleTransform:
             meta = json.loads(raw["json"]) if "json" in raw else {}
             size = tuple(meta.get("original_size", (0, 0)))
             box = tuple(meta.get("crop_top_left", (0, 0)))
+            if name == "latent_flip.npy":  # the mirrored crop's corner, as the image path gives it
+                box = tuple(meta.get("crop_top_left_flip", box))
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             raise BadSample("bad_json") from None
         bucket, shape = 0, self.manifest["latent_shape"]
@@ -709,6 +719,11 @@ class Loader:
         self._restoring = {s: len(self.queued.get(s, [])) for s in self.mine}
         while any(self._restoring.values()):  # a resumed run: the waiting samples back in their queues first
             self._pull(pieces)
+            for s, left in self._restoring.items():
+                if left and self._pending[s]:  # a new sample came first: the rest could not be read again
+                    log.warning("data stream %d: %d sample(s) waiting in bucket queues at the checkpoint could not be "
+                                "read again (counted among the skipped samples); going on without them", s, left)
+                    self._restoring[s] = 0
         for s in self.mine:
             if self.queued.get(s):
                 self.positions.setdefault(s, tuple(self.dataset.starts.get(s, (0, 0))))

@@ -107,6 +107,7 @@ class LatentWriter:
                               "json": meta}
                     if z_flip is not None:
                         sample["latent_flip.npy"] = latent_shards.npy_bytes(z_flip[i])
+                        meta["crop_top_left_flip"] = [b["box"][0], b["mirror_left"]]  # the mirrored crop's corner
                     if text is not None:
                         sample["text.npz"] = latent_shards.npz_bytes(
                             tokens=text["tokens"][i].half().cpu().numpy(), mask=text["mask"][i].cpu().numpy(),
@@ -128,7 +129,7 @@ class LatentWriter:
                     counts[bad.reason] += 1
                     continue
                 item = {"x": smp.x, "caption": smp.caption, "key": smp.key, "size": smp.size, "box": smp.box,
-                        "bucket": smp.bucket}
+                        "bucket": smp.bucket, "mirror_left": smp.mirror_left}
                 order.append(item)
                 batch = batches.setdefault(smp.bucket, [])
                 batch.append(item)

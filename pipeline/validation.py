@@ -90,6 +90,10 @@ class Validation:
         self.rank, self.world = rank, world
         urls = resolve_shards(cfg.shards)
         manifest = latent_shards.find_manifest(urls, cfg.latent_manifest)  # latent shards: made by the run's VAE?
+        if manifest is not None and manifest.get("buckets"):
+            raise ValueError(f"validation.shards={cfg.shards!r} are latent shards of aspect-ratio buckets; the "
+                             f"validation loss takes square centre crops of data.resolution: precompute the held-out "
+                             f"shards without data.buckets (or name the image shards)")
         if manifest is not None:
             latent_shards.check_manifest(manifest, vae.identity() if vae is not None else None, data.resolution,
                                          "validation.shards")

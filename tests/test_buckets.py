@@ -112,6 +112,59 @@ def test_exact_resume_with_partly_filled_buckets_equals_a_straight_run(mixed, wo
         assert a.keys == b.keys and torch.equal(a.images, b.images) and a.index == b.index
 
 
+def test_the_original_size_is_the_files_own_under_jpeg_draft():
+    """A big JPEG decodes drafted (smaller, faster); SDXL's original-size conditioning must see its real size."""
+    from data.loader import SampleTransform
+
+    img = Image.new("RGB", (1024, 512), "white")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    raw = {"__key__": "big", "jpg": buf.getvalue(), "txt": b"a photo"}
+    c = DataConfig(shards="unused", resolution=48, buckets=BUCKETS)
+    assert c.jpeg_draft
+    smp = SampleTransform(c, buckets=[tuple(b) for b in BUCKETS]).sample(raw, 0)
+    assert smp.size == (1024, 512) and tuple(smp.x.shape) == (32, 64, 3)
+
+
+@pytest.mark.parametrize("kw,message", [({"max_aspect": 0.5}, "max_aspect .*≥ 1"), ({"bucket_step": -8}, "bucket_step"),
+                                        ({"buckets": [[48, 48], [48, 48]]}, "twice")])
+def test_bad_bucket_settings_are_refused_with_the_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        DataConfig(shards="unused", resolution=48, **kw).validate()
+
+
+def test_a_waiting_sample_unreadable_on_resume_is_skipped_not_a_hang(mixed, tmp_path):
+    """Samples waiting in bucket queues are read again on resume; one that no longer decodes (a changed file, or a
+    remote shard given up on) is counted as skipped and the run goes on."""
+    import shutil
+    import threading
+
+    first = Loader(cfg(mixed), 4)
+    steps(first, 7)
+    state = json.loads(json.dumps(first.state_dict()))
+    waiting = {t[0].key for qs in first._queues.values() for q in qs for t in q}
+    assert waiting
+    src = Path(mixed.split("{")[0])
+    dst = tmp_path / "shards"
+    shutil.copytree(src, dst)
+    for path in sorted(dst.glob("*.tar")):  # every waiting sample's image made unreadable
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w") as tar:
+            for m, data in members:
+                if m.name.endswith(".png") and m.name.split(".")[0] in waiting:
+                    data = b"not a png"
+                m.size = len(data)
+                tar.addfile(m, io.BytesIO(data))
+    shards = str(dst / mixed.split("/")[-1])
+    out = []
+    thread = threading.Thread(target=lambda: out.append(steps(Loader(cfg(shards), 4, state=state), 3)), daemon=True)
+    thread.start()
+    thread.join(120)
+    assert out and len(out[0]) == 3, "the resumed loader did not give its batches"
+    assert all(k not in waiting for b in out[0] for k in b.keys)
+
+
 def test_a_resume_with_other_buckets_is_refused(mixed):
     loader = Loader(cfg(mixed), 4)
     steps(loader, 2)
@@ -297,22 +350,28 @@ def test_bucketed_latent_shards_give_the_batches_of_live_encoding_and_train(mixe
     common = ["data.resolution=16", f"data.buckets={json.dumps(LATENT_BUCKETS)}", f"autoencoder.path={vae_dir}",
               "data.shuffle_buffer=8", "data.streams=2"]
     precompute.main(["latents", "--config", str(ROOT / "launch/configs/demo_latent.yaml"), "--out", str(out),
-                     f"data.shards={mixed}", "--batch-size", "4", *common])
+                     f"data.shards={mixed}", "--batch-size", "4", "--flip", *common])
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["buckets"] == LATENT_BUCKETS
     latents = str(out / "{00000..00007}.tar")
     vae = load_autoencoder(AutoencoderConfig(path=str(vae_dir)))
 
-    def config(shards):
+    def config(shards, flip):
         return DataConfig(shards=shards, resolution=16, num_workers=0, shuffle_buffer=8, buckets=LATENT_BUCKETS,
-                          bucket_step=16, streams=2)
+                          bucket_step=16, streams=2, flip=flip)
 
-    for live, stored in zip(steps(Loader(config(mixed), 4), 12), steps(Loader(config(latents), 4), 12)):
-        assert live.keys == stored.keys and torch.equal(live.sizes, stored.sizes)
-        assert torch.equal(live.boxes, stored.boxes) and torch.equal(live.micro(), stored.micro(factor=4))
-        torch.testing.assert_close(stored.latents.float(), vae.encode(live.pixels()), rtol=1e-3, atol=2e-3)
+    for flip in (False, True):  # data.flip: the mirrored latent, and the mirrored crop's corner (80×60 and 12×10
+        # images have one crop offset on the left and another on the right)
+        for live, stored in zip(steps(Loader(config(mixed, flip), 4), 12), steps(Loader(config(latents, flip), 4), 12)):
+            assert live.keys == stored.keys and torch.equal(live.sizes, stored.sizes)
+            assert torch.equal(live.boxes, stored.boxes) and torch.equal(live.micro(), stored.micro(factor=4))
+            torch.testing.assert_close(stored.latents.float(), vae.encode(live.pixels()), rtol=1e-3, atol=2e-3)
     with pytest.raises(ValueError, match="made with buckets"):
         Loader(DataConfig(shards=latents, resolution=16, buckets=LATENT_BUCKETS[:2], bucket_step=16), 4)
+    from pipeline.validation import Validation, ValidationConfig
+
+    with pytest.raises(ValueError, match="latent shards of aspect-ratio buckets.*without data.buckets"):
+        Validation(ValidationConfig(shards=latents), config(latents, False), None, None, vae, "cpu", 0)
     run = tmp_path / "run"
     train.main(train_args(latents, run, *common, f"data.shards={latents}", "data.num_workers=0",
                           config="demo_latent.yaml", steps=2))
