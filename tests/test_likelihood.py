@@ -388,8 +388,8 @@ def test_nll_of_an_image_folder_with_captions(demo):
 
 
 def test_nll_same_with_two_processes(demo):
-    args = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "5", "--batch-size", "2",
-            "--elbo-timesteps", "6"]
+    args = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "3", "--batch-size", "1",
+            "--elbo-timesteps", "6"]  # 3 batches dealt round robin: rank 0 two, rank 1 one
     with threads(1):  # the kernels each of the two processes runs (OMP_NUM_THREADS=1)
         one = _nll(*args)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
