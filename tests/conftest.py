@@ -31,7 +31,8 @@ SLOW = {
     "test_every_sampler_from_the_command_line", "test_two_processes_make_the_same_images", "test_gaussian_data_recovered",
     "test_mixture_modes_and_weights_recovered", "test_zero_terminal_snr_every_sampler_at_default_steps",
     "test_the_adaptive_solvers_named_are_torchdiffeqs_and_adapt", "test_elbo_bounds_the_likelihood_and_tends_to_it_as_steps_grow",
-    "test_short_run_lowers_loss_exports_and_logs",
+    "test_short_run_lowers_loss_exports_and_logs", "test_mlp_learns_mixture_modes", "test_zero_terminal_snr_v_prediction",
+    "test_zero_terminal_snr_schedules_give_the_closed_form_density_and_a_bound", "test_exact_resume_on_latent_shards",
 }
 
 
