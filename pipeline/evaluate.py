@@ -250,6 +250,9 @@ def cmd_run(args) -> dict:
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
     size = output_size(meta["resolution"], args.width, args.height, model, vae)  # (width, height) generated
     shape = meta["resolution"] if size == (meta["resolution"],) * 2 else size  # reference shards cropped alike
+    if shape != meta["resolution"] and not (".tar" in args.ref or "{" in args.ref):
+        log.warning("--width/--height %dx%d: the reference %s is taken as it is (only shards are cropped to the "
+                    "generated shape); give --ref as shards for a like-for-like FD", *size, args.ref)
     if args.likelihood:
         check_convention(likelihood_options(args), vae)
     nll_samples = None
