@@ -488,7 +488,8 @@ def build_engine(cfg: TrainConfig, accelerator, inputs: Inputs) -> Engine:
         t = cfg.train
         log.info(f"train.compile: the U-Net runs through torch.compile (backend {t.compile_backend}, mode "
                  f"{t.compile_mode or 'default'}); the first step compiles it (minutes with inductor on a CPU)")
-        model.compile(backend=t.compile_backend, mode=t.compile_mode)  # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
+        # in place (nn.Module.compile): the state dict keeps its keys, no `_orig_mod.` prefix
+        model.compile(backend=t.compile_backend, mode=t.compile_mode)
     # fused: one kernel for all parameters (CPU and CUDA; on this CPU a quarter of the per-tensor loop's time)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
                                   eps=o.eps, fused=True)
