@@ -106,11 +106,16 @@ def captions_for_images(files: list[Path], captions_file: str | None) -> list[st
     return [f.with_suffix(".txt").read_text(encoding="utf-8").strip() for f in files]
 
 
+def is_shard_spec(spec: str) -> bool:
+    """Whether an image source names WebDataset shards (a .tar file or a brace pattern) rather than a folder."""
+    return ".tar" in spec or "{" in spec
+
+
 def labelled_images(spec: str, resolution: int, limit: int, unconditional: bool, captions_file: str | None,
                     skipped: Counter) -> list[tuple[np.ndarray, str]]:
     """Up to ``limit`` (uint8 (R, R, 3) image resized and centre-cropped like the training data, caption) pairs from a
     folder or shards; unreadable images are counted in ``skipped``. Captions are "" when ``unconditional``."""
-    if ".tar" in spec or "{" in spec:
+    if is_shard_spec(spec):
         samples = [(np.asarray(im), "" if unconditional else c)
                    for _, im, c in load_shards(spec, resolution, limit, skipped, captions=True)]
     else:

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from data.files import write_csv  # noqa: E402
-from data.folders import (captions_for_images, held_out_captions, labelled_images, list_images,  # noqa: E402
-                          load_folder, load_shards)
+from data.folders import (captions_for_images, held_out_captions, is_shard_spec, labelled_images,  # noqa: E402
+                          list_images, load_folder, load_shards)
 from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
 from metrics.fid import FeatureStats, InceptionFeatures, frechet_distance, load_stats, save_stats  # noqa: E402
 from metrics.prdc import precision_recall  # noqa: E402
@@ -110,7 +110,7 @@ def stats_of(source: str, extractor, batch_size: int, resolution: int | tuple[in
     skipped: Counter = Counter()
     if source.endswith(".npz"):
         return load_stats(source), None, skipped
-    if ".tar" in source or "{" in source:
+    if is_shard_spec(source):
         images = load_shards(source, resolution, limit, skipped)
     else:
         images = load_folder(list_images(source), skipped)
@@ -250,7 +250,7 @@ def cmd_run(args) -> dict:
     model, encoder, diffusion, vae, meta = load_exported(args.model, state.device)
     size = output_size(meta["resolution"], args.width, args.height, model, vae)  # (width, height) generated
     shape = meta["resolution"] if size == (meta["resolution"],) * 2 else size  # reference shards cropped alike
-    if shape != meta["resolution"] and not (".tar" in args.ref or "{" in args.ref):
+    if shape != meta["resolution"] and not is_shard_spec(args.ref):
         log.warning("--width/--height %dx%d: the reference %s is taken as it is (only shards are cropped to the "
                     "generated shape); give --ref as shards for a like-for-like FD", *size, args.ref)
     if args.likelihood:
@@ -318,7 +318,7 @@ def cmd_run(args) -> dict:
 def real_row(ref: str, resolution: int | tuple[int, int], limit: int, scorer) -> dict | None:
     """The same metrics for real images (the reference shards' own images and captions, as many as were generated):
     what a perfect model would score here. None when the reference is not shards."""
-    if not (".tar" in ref or "{" in ref):
+    if not is_shard_spec(ref):
         return None
     skipped: Counter = Counter()
     samples = list(load_shards(ref, resolution, limit, skipped, captions=True))
