@@ -10,4 +10,14 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/python -m pip install -q -e ".[test]"
+# DeepSpeed on a CPU JIT-compiles its shared-memory collective op at the first launch (~30 s, minutes when the
+# cores are busy); built here once (cached in ~/.cache/torch_extensions), so that no run or test waits for it.
+.venv/bin/python - <<'PY'
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.accelerator import get_accelerator
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and builder.is_compatible():
+        builder.load(verbose=False)
+PY
 .venv/bin/python -c "import torch, torchvision, diffusion; print('set-up OK: torch', torch.__version__)"
