@@ -73,13 +73,13 @@ def main():
     captions = held_out_captions(str(run / "held_out64" / "00000.tar"), args.images)
     variants = {"none": {}, "rescale": {"rescale": 0.7}, "range": {"x0_range": (stats["lo"], stats["hi"])},
                 "threshold": {"dynamic_threshold": 0.995}}
-    print("| variant | " + " | ".join(f"all @ w={g:g} | colour @ w={g:g}" for g in args.guidance) + " |")
+    print("| variant | " + " | ".join(f"all @ w={g:g} | colour | background" for g in args.guidance) + " |")
     for name in args.variants:
         cells = []
         for w in args.guidance:
             ims = images(model, encoder, diffusion, vae, captions, w, variants[name], args.steps)
             acc = attribute_accuracy(ims, captions)
-            cells += [f"{100 * acc['all']:.0f}%", f"{100 * acc['colour']:.0f}%"]
+            cells += [f"{100 * acc['all']:.0f}%", f"{100 * acc['colour']:.0f}%", f"{100 * acc['background']:.0f}%"]
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 

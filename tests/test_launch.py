@@ -258,8 +258,9 @@ SHRINK["demo_latent.yaml"] = SHRINK["demo.yaml"]
 SHRINK["latent256.yaml"] = SHRINK["latent512.yaml"] = LATENT_SHRINK
 # Stable Diffusion fine-tuning from a tiny pipeline folder (its U-Net, VAE, text encoder and scheduler): diffusers' U-Net
 SHRINK["finetune_sd.yaml"] = [*LATENT_SHRINK[:7], "model.overrides.gradient_checkpointing=true"]
-# (case, data): "latents" = shards precomputed by `accelerate launch pipeline/precompute.py latents` with the same
-# launch file (--flip --text), "images" = live encoding. The 256 px recipe's own ZeRO-2 + bf16; ZeRO-3 for 512 px.
+# (case, data): "latents" = shards precomputed by `pipeline/precompute.py latents --flip --text` (in the test's
+# process: each launch costs ~10 s of start-up), "images" = live encoding. The 256 px recipe's own ZeRO-2 + bf16;
+# ZeRO-3 for 512 px.
 # finetune_sd: the diffusers family under ZeRO-2 (bf16, EMA, precomputed latents and caption embeddings, resumed) and
 # ZeRO-3 (bf16, accumulation, live encoding through the pipeline's VAE and CLIP).
 LATENT_CASES = [(Case("8gpu_ddp.yaml", "demo_latent.yaml", "no", 2, True), "latents"),
@@ -282,10 +283,11 @@ def test_latent_recipes(case, data, shards, tmp_path):
         vae = make_vae(tmp_path / "vae")
         source = f"autoencoder.path={vae}"
     common = merged(f"data.shards={shards}", *SHRINK[case.config], source)
-    if data == "latents":
+    if data == "latents":  # precomputed in this process (two processes precomputing: test_latent.py)
+        from pipeline import precompute
+
         latents = tmp_path / "latents"
-        res = accelerate_launch("8gpu_ddp.yaml", ROOT / "pipeline" / "precompute.py",
-                                ["latents", *cfg, "--out", str(latents), "--flip", "--text", *common])
+        precompute.main(["latents", *cfg, "--out", str(latents), "--flip", "--text", *common])
         assert json.loads((latents / "manifest.json").read_text())["complete"]
         common = merged(*common, f"data.shards={latents}", "data.flip=true")  # the mirrored latents, on 2 ranks
     run = tmp_path / "run"

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.write_shards import write_toy
-from helpers import TINY_SD_OVERRIDES
+from helpers import TINY_SD_OVERRIDES, threads
 from pipeline import train
 from pipeline.checkpoint import list_checkpoints, load_exported
 from pipeline.config import ConfigError, TrainConfig, load_config
@@ -560,8 +560,8 @@ def test_two_processes_compiled_train_identically(shards, tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, held_out, tmp_path):
-    """Elastic resume with real processes: stopped after 3 steps on 2 processes (8 + 8 images) and resumed on 1
-    (16), and 1 → 2: the losses logged after the resume equal the uninterrupted run's to float rounding (the same
+    """Elastic resume with real processes (the one-process runs in this one): stopped after 3 steps on 2 processes
+    (8 + 8 images) and resumed on 1 (16), and 1 → 2: the losses logged after the resume equal the uninterrupted run's to float rounding (the same
     samples, each with the same timestep, noise and caption dropout), and so do the streams' positions. The
     validation loss (steps 0, 3, 6) is the same number on 1 and 2 processes."""
     hashing = tmp_path / "count_hashing.py"  # the job, with every file hash counted per rank
@@ -577,7 +577,11 @@ def test_resume_on_another_number_of_processes_continues_the_loss_curve(shards, 
                      "checkpoint.every=3", f"optim.batch_size={batch}", f"validation.shards={held_out}",
                      "validation.every=3", "validation.num_samples=10", "validation.batch_size=4", "validation.bins=4",
                      *(["--resume", "latest"] if resume else []))
-        torchrun(args, {"ACCELERATE_USE_CPU": "true", "HASH_LOG": str(run) + ".hashes."}, nproc=nproc, script=hashing)
+        if nproc == 1:  # in this process, with the kernels of a process started with OMP_NUM_THREADS=1
+            with threads(1):
+                train.main(args)
+        else:
+            torchrun(args, {"ACCELERATE_USE_CPU": "true", "HASH_LOG": str(run) + ".hashes."}, script=hashing)
 
     def curve(run):
         return [m for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
