@@ -29,7 +29,7 @@ SLOW = {
     "test_shortened_quickstart_end_to_end", "test_two_processes_compiled_train_identically",
     "test_compiled_training_follows_eager_and_keeps_checkpoint_keys", "test_compiles_as_one_graph_with_the_same_output_and_gradients",
     "test_kill_during_save_leaves_previous_checkpoint", "test_fid_equals_pytorch_fid_and_npz_interchange",
-    "test_fid_of_rgba_folders_equals_pytorch_fid", "test_fid_same_with_two_processes", "test_whole_job_end_to_end_and_resumable",
+    "test_rgba_folders_read_as_pytorch_fid_reads_them", "test_fid_same_with_two_processes", "test_whole_job_end_to_end_and_resumable",
     "test_w0_is_unconditional_w1_is_conditional_and_w_gt_1_moves_toward_the_class",
     "test_two_processes_precompute_disjoint_shards_holding_every_good_sample_once",
     "test_sampling_and_evaluation_decode_through_the_bundled_vae", "test_elbo_on_ddpm_schedules_is_above_the_likelihood",
