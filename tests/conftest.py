@@ -43,8 +43,8 @@ SLOW = {
 
 
 # Under `pytest -n 2` (pytest-xdist, `--dist loadgroup` in pyproject.toml) each module runs on one worker, so its
-# module-scoped fixtures are built once; test_launch.py (a third of the suite's time) is split in LAUNCH_GROUPS.
-# Groups are handed out in this order, the longest first (seconds measured under -n 2 on 2 cores), so that no long
+# module-scoped fixtures are built once; test_launch.py (nearly half of the suite's time) is split in LAUNCH_GROUPS.
+# Groups are handed out in HEAVY's order (the longest first, as measured under -n 2 on 2 cores), so that no long
 # module starts last.
 HEAVY = ["test_launch", "test_evaluate", "test_train", "test_samplers", "test_quickstart", "test_likelihood",
          "test_stable_diffusion", "test_gpu_check", "test_sample", "test_latent", "test_guidance"]
