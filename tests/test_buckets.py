@@ -298,7 +298,7 @@ def train_args(shards, run, *extra, steps=4, config="demo.yaml"):
 
 
 @pytest.mark.slow
-def test_training_with_buckets_resumes_exactly_and_samples_and_evaluates_at_bucket_shapes(mixed, tmp_path):
+def test_training_with_buckets_resumes_exactly_and_samples_and_evaluates_at_bucket_shapes(mixed, tmp_path, capsys):
     from PIL import Image
     from safetensors.torch import load_file
 
@@ -334,6 +334,14 @@ def test_training_with_buckets_resumes_exactly_and_samples_and_evaluates_at_buck
                             "--height", "20", "--out", str(tmp_path / "eval"), "--batch-size", "4", "--json"])
     assert (result["width"], result["height"]) == (12, 20) and result["results"][0]["n"] == 4
     assert all(Image.open(f).size == (12, 20) for f in (tmp_path / "eval" / "guidance_2" / "images").glob("*.png"))
+    # a folder reference is taken as it is (only shards are cropped to the generated shape): said, not silent
+    capsys.readouterr()
+    evaluate.main(["run", "--model", str(straight / "model"), "--captions", mixed, "--num-images", "4",
+                   "--guidance", "2", "--ref", str(tmp_path / "eval" / "guidance_2" / "images"), "--fd-features",
+                   "clip", "--clip-model", "openclip:toy-clip", "--clip-config",
+                   str(ROOT / "launch/configs/clip/toy-clip.json"), "--steps", "2", "--width", "12", "--height",
+                   "20", "--out", str(tmp_path / "eval_folder"), "--batch-size", "4", "--json"])
+    assert "only shards are cropped to the generated shape" in capsys.readouterr().err
 
 
 LATENT_BUCKETS = [[32, 16], [16, 16], [16, 32]]  # multiples of 16: the test VAE's factor 4 × the tiny U-Net's 4
