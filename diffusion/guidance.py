@@ -4,6 +4,12 @@
 samples toward the condition. The unconditional branch sees ``Guidance.uncond``: the empty caption, or a
 negative prompt. Both branches run in one batched forward. Because the combination is affine with weights
 summing to one, it gives the same result whether the network predicts ε, v or x_0.
+
+Guidance in a limited interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample
+and Distribution Quality in Diffusion Models"): w applies only where the noise level σ = √((1 − ᾱ)/ᾱ) (EDM's σ,
+1/√SNR) lies in (σ_lo, σ_hi]; elsewhere the conditional model runs alone (w = 1), which also skips the unconditional
+forward there. At high noise, guidance pushes every sample toward the same few modes (colours overshoot, variety
+drops); at low noise it does little but sharpen.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class Guidance:
     dynamic thresholding (Saharia et al. 2022): s = max(1, quantile_p |x̂_0|); x̂_0 ← clamp(x̂_0, −s, s) / s.
     x0_range: (low, high), each (C,): x̂_0 clamped per channel to the data's range (latent diffusion's analogue of
     pixel clipping: the range of the training latents, as recorded by the latent precompute).
+    interval: (σ_lo, σ_hi): guide only where σ_lo < σ ≤ σ_hi (EDM's noise level, see the module's docstring); None =
+    at every step. Kynkäänniemi et al. use (0.28, 2.9] on ImageNet-512 latents.
     """
 
     scale: float = 1.0
@@ -34,6 +42,7 @@ class Guidance:
     clip_x0: float | None = None
     dynamic_threshold: float | None = None
     x0_range: tuple[torch.Tensor, torch.Tensor] | None = None
+    interval: tuple[float, float] | None = None
 
     def __post_init__(self):
         if not self.scale >= 0:
@@ -46,6 +55,10 @@ class Guidance:
             raise ValueError(f"clip_x0 must be > 0 or None, got {self.clip_x0}")
         if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold < 1:
             raise ValueError(f"dynamic_threshold is a percentile in (0, 1), got {self.dynamic_threshold}")
+        if self.interval is not None:
+            if len(self.interval) != 2 or not 0 <= self.interval[0] < self.interval[1]:
+                raise ValueError(f"guidance interval is (σ_lo, σ_hi) with 0 ≤ σ_lo < σ_hi, got {self.interval}")
+            self.interval = (float(self.interval[0]), float(self.interval[1]))
 
 
 def _expand_batch(c: Any, batch: int) -> Any:
@@ -95,12 +108,22 @@ class Denoiser:
         g = self.guidance
         if g.scale == 1:
             return self.model(x, t, self.cond)
-        if g.scale == 0:
+        if g.scale == 0 and g.interval is None:
             return self.model(x, t, _expand_batch(g.uncond, x.shape[0]))
+        inside = None
+        if g.interval is not None:
+            ab = self.diffusion.alpha_bar_at(t)  # (B,) float64 on t's device; real-valued t allowed
+            sigma = ((1 - ab) / ab).sqrt()
+            inside = (sigma > g.interval[0]) & (sigma <= g.interval[1])
+            if not bool(inside.any()):  # every sample outside the interval: the conditional model alone
+                return self.model(x, t, self.cond)
         b = x.shape[0]
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), concat_cond(self.cond, g.uncond, b))
         cond_out, uncond_out = out[:b], out[b:]
-        guided = uncond_out + g.scale * (cond_out - uncond_out)
+        scale: float | torch.Tensor = g.scale
+        if inside is not None:  # (B, 1, …): w inside the interval, 1 outside, per sample
+            scale = torch.where(inside, g.scale, 1.0).to(out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
+        guided = uncond_out + scale * (cond_out - uncond_out)
         if g.rescale > 0:
             dims = tuple(range(1, x.ndim))
             ratio = cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)

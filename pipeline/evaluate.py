@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.files import write_csv  # noqa: E402
+from data.files import read_json, write_csv, write_json_atomic  # noqa: E402
 from data.folders import (captions_for_images, held_out_captions, is_shard_spec, labelled_images,  # noqa: E402
                           list_images, load_folder, load_shards)
 from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
@@ -233,7 +233,7 @@ def cmd_nll(args) -> dict:
 def cmd_run(args) -> dict:
     from pipeline.checkpoint import load_exported
     from pipeline.generate import image_seed
-    from pipeline.generate import Job, output_size, run_jobs
+    from pipeline.generate import Job, guidance_options, output_size, run_jobs
 
     if args.likelihood < 0:
         raise ValueError(f"--likelihood is a number of images (0 = none), got {args.likelihood}")
@@ -241,6 +241,7 @@ def cmd_run(args) -> dict:
         raise ValueError("--likelihood is measured on the reference images: give --ref as shards or a folder, not "
                          "an .npz of statistics (or run `evaluate.py nll` on held-out images)")
     likelihood_options(args)  # bad likelihood settings fail now, not after generating every image
+    guided = guidance_options(args)
     rank, world, state = rank_world()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +254,18 @@ def cmd_run(args) -> dict:
     if shape != meta["resolution"] and not is_shard_spec(args.ref):
         log.warning("--width/--height %dx%d: the reference %s is taken as it is (only shards are cropped to the "
                     "generated shape); give --ref as shards for a like-for-like FD", *size, args.ref)
+    # what the images depend on: a folder made with other settings is refused, not silently reused (skip_existing)
+    settings = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "width": size[0],
+                "height": size[1], "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+                "guidance_rescale": guided["rescale"],
+                "guidance_interval": list(guided["interval"]) if guided["interval"] else None}
+    for g in args.guidance:
+        old_file = out / f"guidance_{g:g}" / "settings.json"
+        old = read_json(old_file) if old_file.is_file() else settings
+        if old != settings:
+            changed = ", ".join(f"{k}: {old.get(k)} → {v}" for k, v in settings.items() if old.get(k) != v)
+            raise ValueError(f"{old_file.parent} holds images made with other settings ({changed}); give another "
+                             f"--out, or delete that folder to regenerate")
     if args.likelihood:
         check_convention(likelihood_options(args), vae)
     nll_samples = None
@@ -271,8 +284,12 @@ def cmd_run(args) -> dict:
         jobs = [Job(i, 0, c, "", image_seed(args.seed, i, 0), g) for i, c in enumerate(captions)]
         todo = sum(not (folder / "images" / j.name).is_file() for j in jobs)
         log.info("guidance %g: %d of %d images to generate", g, todo, len(jobs))
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(folder / "settings.json", settings)
         records = run_jobs(jobs, model, encoder, diffusion, size, folder, args.sampler, args.steps,
-                           args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process, vae=vae)
+                           args.batch_size, rank, world, skip_existing=True, progress=state.is_main_process, vae=vae,
+                           **guided)
         if state.is_main_process:  # each image → its caption and seed (the images alone do not say)
             (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         state.wait_for_everyone()
@@ -300,8 +317,8 @@ def cmd_run(args) -> dict:
         log.info("likelihood of %d reference images: %s", nll["num_images"],
                  {k: v for k, v in nll.items() if "bits" in k})
     result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "width": size[0],
-              "height": size[1], "sampler": args.sampler,
-              "steps": args.steps, "num_images": len(captions), "reference": args.ref, "reference_skipped":
+              "height": size[1], "sampler": args.sampler, "steps": args.steps,
+              "guidance_rescale": guided["rescale"], "guidance_interval": settings["guidance_interval"], "num_images": len(captions), "reference": args.ref, "reference_skipped":
               dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
               scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
               "not computed: the reference is an .npz without features", "results": rows,
@@ -360,6 +377,8 @@ def _short(identity: str) -> str:
 
 
 def parse_args(argv=None):
+    from pipeline.generate import add_guidance_args
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -402,6 +421,7 @@ def parse_args(argv=None):
     sp.add_argument("--height", type=int, help="generate at this height in px (default: the training resolution)")
     sp.add_argument("--sampler", default="ddim")
     sp.add_argument("--steps", type=int, default=50)
+    add_guidance_args(sp)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="output folder (images per guidance, results.json/.csv, plot)")
     sp.add_argument("--likelihood", type=int, default=0, metavar="N",

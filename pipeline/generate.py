@@ -30,7 +30,7 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
              sampler: str = "ddim", steps: int | None = None, channels: int = 3, device=None, dtype=torch.float32,
              clip_x0: float | None = 1.0, progress_callback=None, vae=None, spacing: str | None = None,
              noise: torch.Tensor | None = None, micro: list[float] | None = None,
-             rescale: float = 0.0) -> torch.Tensor:
+             rescale: float = 0.0, interval: tuple[float, float] | None = None) -> torch.Tensor:
     """One batch: images (B, 3, H, W) in [-1, 1] for ``prompts[i]`` from ``seeds[i]``; ``resolution`` is a square's
     side or a (width, height) (an aspect-ratio bucket's shape, say).
 
@@ -42,7 +42,8 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
     ``micro``: for a model with size and crop conditioning, original (h, w), crop (top, left), target (h, w) in
     pixels (default: the output size, crop 0, 0, as SDXL's pipeline asks); the unconditional branch gets none, as
     training drops it with the caption. ``rescale``: guidance rescale φ (Lin et al. 2024; diffusers'
-    ``guidance_rescale``), which keeps the guided prediction's spread at the conditional one's."""
+    ``guidance_rescale``), which keeps the guided prediction's spread at the conditional one's. ``interval``:
+    (σ_lo, σ_hi), guidance only at noise levels σ_lo < σ ≤ σ_hi (Kynkäänniemi et al. 2024; diffusion.guidance)."""
     device = device or next(model.parameters()).device
     negative = negative or [""] * len(prompts)
     gens = [torch.Generator(device).manual_seed(s) for s in seeds]
@@ -65,11 +66,33 @@ def generate(model, encoder, diffusion: GaussianDiffusion, prompts: list[str], s
 
     images = sample(sampler, net, noise, diffusion, steps=steps, cond=cond,
                     guidance=Guidance(scale=guidance, uncond=uncond, clip_x0=None if vae is not None else clip_x0,
-                                      rescale=rescale),
+                                      rescale=rescale, interval=interval),
                     generator=gens, callback=progress_callback, spacing=spacing)
     if vae is not None:
         images = vae.decode(images)
     return images.clamp(-1, 1)
+
+
+def add_guidance_args(p) -> None:
+    """--guidance-rescale and --guidance-interval, as sample.py and `evaluate.py run` take them."""
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="guidance rescale φ in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale): keeps the guided "
+                   "prediction's spread at the conditional one's; 0.7 helped latent models at guidance 3-5 "
+                   "(benchmarks/README.md)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide only at noise levels σ_lo < σ ≤ σ_hi, σ = √((1−ᾱ)/ᾱ) (Kynkäänniemi et al. 2024; "
+                   "they use 0.28 2.9 on ImageNet latents); the conditional model alone elsewhere (default: every step)")
+
+
+def guidance_options(args) -> dict:
+    """``rescale`` and ``interval`` for ``run_jobs`` / ``generate`` from add_guidance_args' flags (ValueError if bad)."""
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale}")
+    lo_hi = args.guidance_interval
+    if lo_hi is not None and not 0 <= lo_hi[0] < lo_hi[1]:
+        raise ValueError(f"--guidance-interval SIGMA_LO SIGMA_HI needs 0 ≤ SIGMA_LO < SIGMA_HI, got {lo_hi[0]:g} "
+                         f"{lo_hi[1]:g}")
+    return {"rescale": args.guidance_rescale, "interval": tuple(lo_hi) if lo_hi is not None else None}
 
 
 def output_size(resolution: int, width: int | None, height: int | None, model, vae=None) -> tuple[int, int]:
@@ -142,9 +165,9 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple
              sampler: str, steps: int | None, batch_size: int, rank: int = 0, world: int = 1, dtype=torch.float32,
              skip_existing: bool = False, progress: bool = True, extra_meta: dict | None = None,
              vae=None, spacing: str | None = None, micro: list[float] | None = None,
-             rescale: float = 0.0) -> list[dict]:
+             rescale: float = 0.0, interval: tuple[float, float] | None = None) -> list[dict]:
     """Generate this rank's share (jobs[rank::world]) in batches of one guidance scale; write PNGs; return metadata.
-    ``resolution``: a square's side or (width, height); ``micro``: see ``generate``."""
+    ``resolution``: a square's side or (width, height); ``micro``, ``rescale``, ``interval``: see ``generate``."""
     from PIL import Image
 
     images_dir = out_dir / "images"
@@ -162,7 +185,7 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple
                 images = generate(model, encoder, diffusion, [j.prompt for j in batch], [j.seed for j in batch],
                                   resolution, guidance=g, negative=[j.negative for j in batch], sampler=sampler,
                                   steps=steps, channels=model.cfg.in_channels, device=device, vae=vae,
-                                  spacing=spacing, micro=micro, rescale=rescale)
+                                  spacing=spacing, micro=micro, rescale=rescale, interval=interval)
             for j, img in zip(batch, to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()):
                 tmp = images_dir / (j.name + ".tmp")
                 Image.fromarray(img).save(tmp, format="PNG")
@@ -170,7 +193,8 @@ def run_jobs(jobs: list[Job], model, encoder, diffusion, resolution: int | tuple
             bar.update(len(batch))
     bar.close()
     return [{"file": f"images/{j.name}", "prompt": j.prompt, "negative_prompt": j.negative, "seed": j.seed,
-             "guidance": j.guidance, **({"guidance_rescale": rescale} if rescale else {}), "sampler": sampler,
+             "guidance": j.guidance, **({"guidance_rescale": rescale} if rescale else {}),
+             **({"guidance_interval": list(interval)} if interval else {}), "sampler": sampler,
              "steps": steps or DEFAULT_STEPS[sampler],
              "spacing": spacing or DEFAULT_SPACING[sampler],
              "prompt_index": j.prompt_index, "image_index": j.image_index, **(extra_meta or {})} for j in jobs]

@@ -26,7 +26,8 @@ import torch  # noqa: E402
 
 from diffusion import DEFAULT_STEPS, SAMPLERS  # noqa: E402
 from diffusion.gaussian import SPACINGS  # noqa: E402
-from pipeline.generate import make_jobs, micro_conditioning, output_size, run_jobs, save_grid  # noqa: E402
+from pipeline.generate import (add_guidance_args, guidance_options, make_jobs, micro_conditioning, output_size,  # noqa: E402
+                               run_jobs, save_grid)
 
 log = logging.getLogger("sample")
 
@@ -63,10 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt", default="", help="what the unconditional branch sees (default: the empty caption)")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0],
                    help="guidance scale(s) w ≥ 0 (1 = none); several make grid columns")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
-                   help="guidance rescale φ in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale): keeps the guided "
-                   "prediction's spread at the conditional one's; 0.7 helped latent models at guidance 3-5 "
-                   "(benchmarks/README.md)")
+    add_guidance_args(p)
     p.add_argument("--sampler", default="ddim", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--steps", type=int, help="sampler steps (default: the sampler's own default)")
     p.add_argument("--spacing", choices=SPACINGS, help="which timesteps the steps visit (default: the sampler's own; "
@@ -97,8 +95,7 @@ def check_args(args):
         raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
     if any(g < 0 for g in args.guidance):
         raise ValueError(f"--guidance must be ≥ 0 (1 = no guidance), got {args.guidance}")
-    if not 0 <= args.guidance_rescale <= 1:
-        raise ValueError(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale}")
+    guidance_options(args)
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be ≥ 1")
     if args.precision != "fp32" and not args.device.startswith("cuda"):
@@ -135,7 +132,7 @@ def main(argv=None):
                        extra_meta={"model": str(Path(args.model).resolve()), "model_step": meta["step"],
                                    "ema": not args.no_ema, "width": size[0], "height": size[1],
                                    **({"micro": micro} if micro else {})},
-                       vae=vae, spacing=args.spacing, micro=micro, rescale=args.guidance_rescale)
+                       vae=vae, spacing=args.spacing, micro=micro, **guidance_options(args))
     state.wait_for_everyone()
     if state.is_main_process:
         with open(out / "metadata.jsonl", "w") as f:

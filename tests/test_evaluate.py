@@ -306,6 +306,18 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     second = evaluate.main(argv)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts} == stamps  # nothing new
     assert second["results"] == first["results"]
+    # other sampling settings into the same folder: refused (its images would be reused as if made with them)
+    with pytest.raises(SystemExit, match=r"other settings \(guidance_interval: None → \[0.3, 3.0\]\)"):
+        evaluate.main([*argv, "--guidance-interval", "0.3", "3"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts} == stamps
+    # guidance in a limited interval and guidance rescale reach the images, and results.json records them
+    cut = argv[:argv.index("--likelihood")] + ["--guidance-interval", "0.3", "3", "--guidance-rescale", "0.5"]
+    cut[cut.index("--out") + 1] = str(tmp_path / "eval_interval")
+    third = evaluate.main(cut)
+    assert (third["guidance_interval"], third["guidance_rescale"]) == ([0.3, 3.0], 0.5)
+    for g, same in (("1", True), ("4", False)):  # w = 1 has nothing to restrict
+        a, b = (sorted((o / f"guidance_{g}" / "images").glob("*.png")) for o in (out, tmp_path / "eval_interval"))
+        assert same == all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))
 
 
 def test_unofficial_file_under_the_official_name_is_warned_about(inception_weights, tmp_path, caplog):

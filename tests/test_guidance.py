@@ -118,6 +118,63 @@ def test_guidance_rescale_matches_diffusers_at_every_phi(phi):
         assert not torch.allclose(out, guided) and not torch.allclose(out, full)
 
 
+def _sigma(d, t: int) -> float:
+    ab = float(d.alphas_cumprod[t])
+    return math.sqrt((1 - ab) / ab)
+
+
+def test_guidance_interval_guides_only_inside_the_noise_window():
+    """Kynkäänniemi et al. 2024: w inside σ_lo < σ ≤ σ_hi, the conditional model alone (one branch) outside; against
+    a hand-written per-step guided model on the exact Gaussian-mixture scores."""
+    d, model = _setup()
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond, uncond = torch.zeros(256, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
+    lo, hi = 0.3, 2.0
+    calls = []
+
+    def counted(x, t, c):
+        calls.append((int(t[0]), x.shape[0]))
+        return model(x, t, c)
+
+    def reference(x, t, c):  # w where σ_t ∈ (lo, hi], from the ᾱ table, one step at a time
+        w = 4.0 if lo < _sigma(d, int(t[0])) <= hi else 1.0
+        mc, mu = model(x, t, cond), model(x, t, uncond.expand(x.shape[0]))
+        return mu + w * (mc - mu)
+
+    g = Guidance(scale=4.0, uncond=uncond, interval=(lo, hi))
+    out = sample("ddim", counted, x, d, steps=40, cond=cond, guidance=g)
+    ref = sample("ddim", reference, x, d, steps=40, cond=cond)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    inside = [lo < _sigma(d, t) <= hi for t, _ in calls]
+    assert 0 < sum(inside) < len(calls)  # the window is neither empty nor every step
+    assert [b for _, b in calls] == [512 if i else 256 for i in inside]  # no unconditional forward outside
+    # a window holding every step is plain guidance; one holding none, the conditional model
+    plain = sample("ddim", model, x, d, steps=40, cond=cond, guidance=Guidance(scale=4.0, uncond=uncond))
+    every = sample("ddim", model, x, d, steps=40, cond=cond, guidance=Guidance(scale=4.0, uncond=uncond,
+                                                                               interval=(0.0, 1e9)))
+    torch.testing.assert_close(every, plain, atol=0, rtol=0)
+    none = sample("ddim", model, x, d, steps=40, cond=cond, guidance=Guidance(scale=4.0, uncond=uncond,
+                                                                              interval=(1e8, 1e9)))
+    torch.testing.assert_close(none, sample("ddim", model, x, d, steps=40, cond=cond), atol=0, rtol=0)
+    assert not torch.allclose(out, plain) and not torch.allclose(out, none)
+
+
+def test_guidance_interval_is_decided_per_sample():
+    """A batch whose samples sit at different noise levels: each gets w or 1 by its own σ (t = 10: σ ≈ 0.04;
+    t = 900: σ ≈ 6)."""
+    d, _ = _setup()
+    cond_out, uncond_out = torch.randn(2, 5, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64)
+
+    def model(x, t, c):
+        return torch.cat([cond_out, uncond_out])
+
+    den = Denoiser(model, d, cond=torch.zeros(2), guidance=Guidance(scale=3.0, uncond=torch.ones(1),
+                                                                      interval=(1.0, 100.0)))
+    out = den.raw(torch.zeros(2, 5, dtype=torch.float64), torch.tensor([10, 900]))
+    torch.testing.assert_close(out[0], cond_out[0])
+    torch.testing.assert_close(out[1], uncond_out[1] + 3.0 * (cond_out[1] - uncond_out[1]))
+
+
 def test_dynamic_thresholding_and_clipping():
     x0 = torch.tensor([[0.5, -0.2, 0.1, 0.3], [3.0, -6.0, 1.0, 0.0]], dtype=torch.float64)
     out = dynamic_threshold(x0, 0.5)
@@ -146,6 +203,8 @@ def test_concat_cond_errors_and_expansion():
     ({"scale": 2.0, "uncond": 0, "rescale": 1.5}, "rescale"),
     ({"dynamic_threshold": 1.5}, "percentile"),
     ({"clip_x0": 0.0}, "clip_x0"),
+    ({"scale": 2.0, "uncond": 0, "interval": (2.0, 1.0)}, "σ_lo < σ_hi"),
+    ({"scale": 2.0, "uncond": 0, "interval": (-1.0, 1.0)}, "σ_lo < σ_hi"),
 ])
 def test_bad_guidance_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -80,6 +80,16 @@ def test_guidance_and_negative_prompt(model_dir, tmp_path):
     r5 = run(model_dir, tmp_path / "r5", *p, "--guidance", "5", "--guidance-rescale", "0.7")
     assert np.abs(next(iter(images(r5).values())).astype(int) - g5).max() > 10
     assert json.loads((r5 / "metadata.jsonl").read_text().splitlines()[0])["guidance_rescale"] == 0.7
+    # guidance in a limited interval: one holding every noise level is plain guidance, one holding none is w = 1,
+    # one in between is neither; recorded in the metadata
+    every = run(model_dir, tmp_path / "i_all", *p, "--guidance", "5", "--guidance-interval", "0", "1e9")
+    assert np.abs(next(iter(images(every).values())).astype(int) - g5).max() <= 1
+    none = run(model_dir, tmp_path / "i_none", *p, "--guidance", "5", "--guidance-interval", "1e8", "1e9")
+    assert np.abs(next(iter(images(none).values())).astype(int) - g1).max() <= 1
+    part = run(model_dir, tmp_path / "i_part", *p, "--guidance", "5", "--guidance-interval", "0.3", "3")
+    img = next(iter(images(part).values())).astype(int)
+    assert np.abs(img - g1).max() > 10 and np.abs(img - g5).max() > 10
+    assert json.loads((part / "metadata.jsonl").read_text().splitlines()[0])["guidance_interval"] == [0.3, 3.0]
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -117,6 +127,7 @@ def test_two_processes_make_the_same_images(model_dir, tmp_path):
     ("steps", ["--steps", "0"], "--steps must be"),
     ("guidance", ["--guidance", "-1"], "--guidance must be"),
     ("rescale", ["--guidance-rescale", "1.5"], "--guidance-rescale must lie"),
+    ("interval", ["--guidance-interval", "3", "0.3"], "needs 0 ≤ SIGMA_LO < SIGMA_HI"),
     ("empty_file", ["--prompt-file", "EMPTY"], "holds no prompt"),
     ("no_prompt", [], "at least one --prompt"),
 ])
