@@ -318,11 +318,12 @@ def cmd_run(args) -> dict:
                  {k: v for k, v in nll.items() if "bits" in k})
     result = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "width": size[0],
               "height": size[1], "sampler": args.sampler, "steps": args.steps,
-              "guidance_rescale": guided["rescale"], "guidance_interval": settings["guidance_interval"], "num_images": len(captions), "reference": args.ref, "reference_skipped":
-              dict(ref_skipped), "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model":
-              scorer.identity, "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
-              "not computed: the reference is an .npz without features", "results": rows,
-              "real": real, "likelihood": nll}
+              "guidance_rescale": guided["rescale"], "guidance_interval": settings["guidance_interval"],
+              "num_images": len(captions), "reference": args.ref, "reference_skipped": dict(ref_skipped),
+              "fd_metric": fd_name, "fd_features": extractor.identity, "clip_model": scorer.identity,
+              "precision_recall": "k=3 (Kynkäänniemi et al. 2019)" if ref_feats is not None else
+              "not computed: the reference is an .npz without features", "results": rows, "real": real,
+              "likelihood": nll}
     if state.is_main_process:
         (out / "results.json").write_text(json.dumps(result, indent=1))
         write_csv(rows, out / "results.csv")

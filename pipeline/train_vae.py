@@ -99,7 +99,7 @@ def main(argv=None):
     tmp = out.with_name(out.name + ".tmp")
     vae.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({"shards": args.shards, "steps": args.steps, "psnr_db": psnr,
-                                                   "resolution": args.resolution,
+                                                   "resolution": args.resolution, "kl_weight": args.kl,
                                                    "seconds": time.perf_counter() - started}))
     if out.exists():
         import shutil

@@ -48,6 +48,7 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert row.count("100%") == 6
     # the latent run beside it: VAE, latent shards, training, 64 px samples and evaluation through the VAE
     assert json.loads((out / "toy_vae" / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    assert json.loads((out / "toy_vae" / "training.json").read_text())["kl_weight"] == 1e-2  # a smooth latent space
     latents = json.loads((out / "toy64_latents" / "manifest.json").read_text())
     assert latents["complete"] and latents["samples"] == 128 and latents["latent_shape"] == [4, 16, 16]
     lmeta = json.loads((out / "latent_run" / "model" / "config.json").read_text())
@@ -56,6 +57,11 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert all(Image.open(f).size == (64, 64) for f in (out / "latent_samples" / "images").glob("*.png"))
     lres = json.loads((out / "latent_eval" / "results.json").read_text())
     assert all(r["n"] == 8 and "attr_all" in r for r in lres["results"])
+    # latent guidance in Kynkäänniemi et al.'s interval, rescaled; the pixel run's plain
+    assert (lres["guidance_interval"], lres["guidance_rescale"]) == ([0.28, 2.9], 0.7)
+    assert (results["guidance_interval"], results["guidance_rescale"]) == (None, 0.0)
+    assert json.loads((out / "latent_samples" / "metadata.jsonl").read_text().splitlines()[0])["guidance_interval"] \
+        == [0.28, 2.9]
     assert "## Latent diffusion beside pixel space" in report and "latent_samples_labelled.png" in report
     rows = [line for line in report.splitlines() if line.startswith(("| pixel space |", "| latent space |"))]
     assert len(rows) == 2 and "| 32 px | 3×32² | 4 |" in rows[0] and "| 64 px | 4×16² | 4 |" in rows[1], rows
