@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in toy data, on a CPU, in about 20 minutes on 2 cores, after set-up:
+# The whole pipeline on the built-in toy data, on a CPU, in 20–25 minutes on 2 cores, after set-up:
 #   install → toy shards → a small CLIP trained on them (the demo's text encoder and evaluator; nothing is
 #   downloaded) → the `tiny` U-Net trained with `accelerate launch pipeline/train.py` → sample grids at several
 #   guidance scales → the evaluation job (with bits/dim of held-out images); then latent diffusion beside it: 64 px toy shards → a small VAE trained on
