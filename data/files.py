@@ -1,9 +1,10 @@
 """The small file helpers every job uses: JSON read (a damaged file is one line naming it), atomic JSON write, CSV
-write (cells a spreadsheet would run as formulas neutralised)."""
+write (cells a spreadsheet would run as formulas neutralised), a quick file digest."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,6 +26,19 @@ def write_json_atomic(path: str | Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's size, first and last MiB: tells two weight files apart in milliseconds whatever their size
+    (retrained weights differ everywhere), not a checksum of every byte."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        f.seek(max(size - chunk, 0))
+        h.update(f.read(chunk))
+    return h.hexdigest()[:16]
 
 
 def spreadsheet_safe(value):

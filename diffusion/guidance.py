@@ -33,7 +33,8 @@ class Guidance:
     x0_range: (low, high), each (C,): x̂_0 clamped per channel to the data's range (latent diffusion's analogue of
     pixel clipping: the range of the training latents, as recorded by the latent precompute).
     interval: (σ_lo, σ_hi): guide only where σ_lo < σ ≤ σ_hi (EDM's noise level, see the module's docstring); None =
-    at every step. Kynkäänniemi et al. use (0.28, 2.9] on ImageNet-512 latents.
+    at every step. (0.28, 2.9] is Kynkäänniemi et al.'s EDM2-S window for FID, in units of latents with std 0.5:
+    on latents of std 1 the same σ numbers are another SNR window; there is no universal one.
     """
 
     scale: float = 1.0
@@ -103,20 +104,35 @@ class Denoiser:
         self.model, self.diffusion, self.cond = model, diffusion, cond
         self.guidance = guidance or Guidance()
 
-    def raw(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The guided network output at (x (B, ...), t (B,)), in the network's parameterisation."""
+    def _inside(self, t: torch.Tensor) -> torch.Tensor | None:
+        """(B,) bool: whether each t's noise level lies in the guidance interval; None without an interval."""
+        g = self.guidance
+        if g.interval is None:
+            return None
+        ab = self.diffusion.alpha_bar_at(t)  # float64 on t's device; real-valued t allowed; ᾱ floored: σ finite
+        sigma = ((1 - ab) / ab).sqrt()
+        return (sigma > g.interval[0]) & (sigma <= g.interval[1])
+
+    def guided(self, t: int) -> bool:
+        """Whether a step from timestep t is guided (w ≠ 1 there). A multistep sampler restarts its history where
+        this changes: the guided and the conditional model are two different ODEs."""
+        if self.guidance.scale == 1:
+            return False
+        inside = self._inside(torch.tensor([t]))
+        return inside is None or bool(inside[0])
+
+    def raw(self, x: torch.Tensor, t: torch.Tensor, guide_t: torch.Tensor | None = None) -> torch.Tensor:
+        """The guided network output at (x (B, ...), t (B,)), in the network's parameterisation. ``guide_t``: the
+        timesteps that decide the guidance interval (default t; a 2nd-order sampler's corrector passes its step's
+        start, so w stays constant within a step, as Kynkäänniemi et al. 2024 ask)."""
         g = self.guidance
         if g.scale == 1:
             return self.model(x, t, self.cond)
         if g.scale == 0 and g.interval is None:
             return self.model(x, t, _expand_batch(g.uncond, x.shape[0]))
-        inside = None
-        if g.interval is not None:
-            ab = self.diffusion.alpha_bar_at(t)  # (B,) float64 on t's device; real-valued t allowed
-            sigma = ((1 - ab) / ab).sqrt()
-            inside = (sigma > g.interval[0]) & (sigma <= g.interval[1])
-            if not bool(inside.any()):  # every sample outside the interval: the conditional model alone
-                return self.model(x, t, self.cond)
+        inside = self._inside(t if guide_t is None else guide_t)
+        if inside is not None and not bool(inside.any()):  # every sample outside the interval: conditional alone
+            return self.model(x, t, self.cond)
         b = x.shape[0]
         out = self.model(torch.cat([x, x]), torch.cat([t, t]), concat_cond(self.cond, g.uncond, b))
         cond_out, uncond_out = out[:b], out[b:]
@@ -124,15 +140,16 @@ class Denoiser:
         if inside is not None:  # (B, 1, …): w inside the interval, 1 outside, per sample
             scale = torch.where(inside, g.scale, 1.0).to(out.dtype).reshape((-1,) + (1,) * (out.ndim - 1))
         guided = uncond_out + scale * (cond_out - uncond_out)
-        if g.rescale > 0:
+        if g.rescale > 0 and g.scale != 0:  # w = 0 is the unconditional model, unrescaled (as without an interval)
             dims = tuple(range(1, x.ndim))
             ratio = cond_out.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
             guided = g.rescale * guided * ratio + (1 - g.rescale) * guided
         return guided
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor,
+                 guide_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(ε̂, x̂_0), with x̂_0 clipped / thresholded when asked and ε̂ made consistent with it."""
-        eps, x0 = self.diffusion.split_output(self.raw(x, t), x, t)
+        eps, x0 = self.diffusion.split_output(self.raw(x, t, guide_t), x, t)
         g = self.guidance
         if g.clip_x0 is not None or g.dynamic_threshold is not None or g.x0_range is not None:
             if g.dynamic_threshold is not None:

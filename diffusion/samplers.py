@@ -173,7 +173,7 @@ def heun(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiffusio
                 x = x_euler
             else:
                 sig_t, sig_s = ((1 - ab_t) / ab_t).sqrt(), ((1 - ab_s) / ab_s).sqrt()
-                eps_s, _ = den(x_euler, _tvec(s, x))
+                eps_s, _ = den(x_euler, _tvec(s, x), guide_t=_tvec(t, x))  # guided or not as the step's start
                 x = (x / ab_t.sqrt() + (sig_s - sig_t) * 0.5 * (eps + eps_s)) * ab_s.sqrt()
         if callback:
             callback(i, t, x, x0)
@@ -190,11 +190,15 @@ def dpmpp_2m(model: ModelFn, x: torch.Tensor, timesteps, diffusion: GaussianDiff
     x_s = (σ_s/σ_t) x_t − α_s (e^{−h} − 1) D, D = (1 + 1/2r) x̂_0(t) − (1/2r) x̂_0(t_prev), r = h_prev / h.
     The first step and the last (to σ = 0) are first order. From ᾱ_t = 0 (zero terminal SNR) λ_t = −∞, h = ∞ and
     the step is exactly x_s = √(1−ᾱ_s) x_t + √ᾱ_s x̂_0 (no floor needed); the next one is then first order (r = ∞).
+    So is a step where guidance turns on or off (``Guidance.interval``): x̂_0 of another model is not extrapolated.
     """
     den, ts = _setup(model, x, timesteps, diffusion, cond, guidance)
-    x0_prev, h_prev = None, None
+    x0_prev, h_prev, guided_prev = None, None, None
     for i, (t, s) in enumerate(_steps(ts)):
         eps, x0 = den(x, _tvec(t, x))
+        guided = den.guided(t)
+        if guided != guided_prev:  # entering or leaving a guidance interval: another ODE, so first order again
+            x0_prev, guided_prev = None, guided
         if s < 0:
             x = x0
         else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline on the built-in toy data, on a CPU, in 20–25 minutes on 2 cores, after set-up:
+# The whole pipeline on the built-in toy data, on a CPU, in about 25 minutes on 2 cores, after set-up:
 #   install → toy shards → a small CLIP trained on them (the demo's text encoder and evaluator; nothing is
 #   downloaded) → the `tiny` U-Net trained with `accelerate launch pipeline/train.py` → sample grids at several
 #   guidance scales → the evaluation job (with bits/dim of held-out images); then latent diffusion beside it: 64 px toy shards → a small VAE trained on
@@ -106,16 +106,18 @@ if [ "$LATENT" = 1 ]; then
   fi
   train_unet launch/configs/demo_latent.yaml "$OUT/latent_run" "$LATENT_STEPS" "${LATENT_ARGS[@]}" \
     "data.shards=$OUT/toy64_latents"
-  # guidance only at noise levels 0.28 < σ ≤ 2.9 (Kynkäänniemi et al. 2024's window) and rescaled (Lin et al. 2024):
-  # plain guidance in latent space overshoots the colours (reds turn magenta as w grows; benchmarks/README.md)
+  # guidance only at noise levels 0.28 < σ ≤ 2.9 (Kynkäänniemi et al. 2024's σ numbers for EDM2-S, not tuned here)
+  # and rescaled (Lin et al. 2024): plain guidance in latent space overshoots the colours (reds turn magenta as w
+  # grows; benchmarks/README.md)
   sample_and_evaluate "$OUT/latent_run/model" "$OUT/latent_samples" "$OUT/latent_eval" "$OUT/held_out64/00000.tar" \
     --guidance-interval 0.28 2.9 --guidance-rescale 0.7
   PSNR=$($PY -c "import json,sys; print(round(json.load(open(sys.argv[1]))['psnr_db'], 1))" "$OUT/toy_vae/training.json")
   LATENT_REPORT=(--latent-run "$OUT/latent_run" --latent-samples "$OUT/latent_samples" --latent-eval "$OUT/latent_eval"
     --latent-note "The latent run: 64 px toy images, a VAE trained here for $VAE_STEPS steps (pipeline/train_vae.py; \
 reconstruction PSNR $PSNR dB, 16×16×4 latents), the latents precomputed once (pipeline/precompute.py latents), the \
-same tiny U-Net, text tower and recipe (launch/configs/demo_latent.yaml). Its images have twice the pixel run's \
-resolution. Its guidance acts only at noise levels 0.28 < σ ≤ 2.9 and is rescaled (φ = 0.7).")
+same tiny U-Net and text tower, the pixel run's recipe at twice its learning rate (launch/configs/demo_latent.yaml). \
+Its images have twice the pixel run's resolution. Its guidance acts only at noise levels 0.28 < σ ≤ 2.9 and is \
+rescaled (φ = 0.7).")
 fi
 
 $PY pipeline/report.py --run "$OUT/run" --samples "$OUT/samples" --eval "$OUT/eval" "${LATENT_REPORT[@]}" --out "$OUT/report.md"

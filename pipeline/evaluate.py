@@ -23,6 +23,7 @@ image's caption, or on "" with --unconditional; guidance is not a likelihood and
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import sys
@@ -35,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from data.files import read_json, write_csv, write_json_atomic  # noqa: E402
+from data.files import file_digest, read_json, write_csv, write_json_atomic  # noqa: E402
 from data.folders import (captions_for_images, held_out_captions, is_shard_spec, labelled_images,  # noqa: E402
                           list_images, load_folder, load_shards)
 from metrics.clip_score import CLIPScorer, summarize  # noqa: E402
@@ -255,12 +256,18 @@ def cmd_run(args) -> dict:
         log.warning("--width/--height %dx%d: the reference %s is taken as it is (only shards are cropped to the "
                     "generated shape); give --ref as shards for a like-for-like FD", *size, args.ref)
     # what the images depend on: a folder made with other settings is refused, not silently reused (skip_existing)
-    settings = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "width": size[0],
-                "height": size[1], "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+    weights = next(Path(args.model) / n for n in ("unet_ema.safetensors", "unet.safetensors", "config.json")
+                   if (Path(args.model) / n).is_file())  # (a model retrained in place to the same step differs here)
+    settings = {"model": str(Path(args.model).resolve()), "model_step": meta["step"], "weights": file_digest(weights),
+                "captions": hashlib.sha256(json.dumps(captions).encode()).hexdigest()[:16],
+                "width": size[0], "height": size[1], "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
                 "guidance_rescale": guided["rescale"],
                 "guidance_interval": list(guided["interval"]) if guided["interval"] else None}
     for g in args.guidance:
         old_file = out / f"guidance_{g:g}" / "settings.json"
+        if not old_file.is_file() and any((old_file.parent / "images").glob("*.png")):
+            raise ValueError(f"{old_file.parent} holds images but no settings.json saying how they were made; give "
+                             f"another --out, or delete that folder to regenerate")
         old = read_json(old_file) if old_file.is_file() else settings
         if old != settings:
             changed = ", ".join(f"{k}: {old.get(k)} → {v}" for k, v in settings.items() if old.get(k) != v)

@@ -81,11 +81,13 @@ def add_guidance_args(p) -> None:
                    "(benchmarks/README.md)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
                    help="guide only at noise levels σ_lo < σ ≤ σ_hi, σ = √((1−ᾱ)/ᾱ) (Kynkäänniemi et al. 2024; "
-                   "they use 0.28 2.9 on ImageNet latents); the conditional model alone elsewhere (default: every step)")
+                   "e.g. 0.28 2.9, the σ numbers of their EDM2-S setting); the conditional model alone elsewhere "
+                   "(default: every step)")
 
 
 def guidance_options(args) -> dict:
-    """``rescale`` and ``interval`` for ``run_jobs`` / ``generate`` from add_guidance_args' flags (ValueError if bad)."""
+    """``rescale`` and ``interval`` for ``run_jobs`` / ``generate`` from add_guidance_args' flags (ValueError if
+    bad)."""
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale must lie in [0, 1], got {args.guidance_rescale}")
     lo_hi = args.guidance_interval

@@ -26,8 +26,8 @@ import torch  # noqa: E402
 
 from diffusion import DEFAULT_STEPS, SAMPLERS  # noqa: E402
 from diffusion.gaussian import SPACINGS  # noqa: E402
-from pipeline.generate import (add_guidance_args, guidance_options, make_jobs, micro_conditioning, output_size,  # noqa: E402
-                               run_jobs, save_grid)
+from pipeline.generate import (add_guidance_args, guidance_options, make_jobs,  # noqa: E402
+                               micro_conditioning, output_size, run_jobs, save_grid)
 
 log = logging.getLogger("sample")
 

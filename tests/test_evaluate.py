@@ -309,6 +309,20 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     # other sampling settings into the same folder: refused (its images would be reused as if made with them)
     with pytest.raises(SystemExit, match=r"other settings \(guidance_interval: None → \[0.3, 3.0\]\)"):
         evaluate.main([*argv, "--guidance-interval", "0.3", "3"])
+    with pytest.raises(SystemExit, match="other settings \\(captions: "):  # another caption set
+        evaluate.main([*argv[:argv.index("--num-images") + 1], "5", *argv[argv.index("--num-images") + 2:]])
+    (out / "guidance_1" / "settings.json").rename(out / "settings.kept")  # images, but nothing says how they were made
+    with pytest.raises(SystemExit, match="holds images but no settings.json"):
+        evaluate.main(argv)
+    (out / "settings.kept").rename(out / "guidance_1" / "settings.json")
+    from safetensors.torch import load_file, save_file  # the model retrained in place to the same step
+
+    ema = run / "model" / "unet_ema.safetensors"
+    kept = ema.read_bytes()
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in load_file(ema).items()}, str(ema))
+    with pytest.raises(SystemExit, match="other settings \\(weights: "):
+        evaluate.main(argv)
+    ema.write_bytes(kept)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts} == stamps
     # guidance in a limited interval and guidance rescale reach the images, and results.json records them
     cut = argv[:argv.index("--likelihood")] + ["--guidance-interval", "0.3", "3", "--guidance-rescale", "0.5"]
@@ -317,6 +331,7 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     assert (third["guidance_interval"], third["guidance_rescale"]) == ([0.3, 3.0], 0.5)
     for g, same in (("1", True), ("4", False)):  # w = 1 has nothing to restrict
         a, b = (sorted((o / f"guidance_{g}" / "images").glob("*.png")) for o in (out, tmp_path / "eval_interval"))
+        assert len(a) == len(b) == 6
         assert same == all(np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y))) for x, y in zip(a, b))
 
 

@@ -159,6 +159,34 @@ def test_guidance_interval_guides_only_inside_the_noise_window():
     assert not torch.allclose(out, plain) and not torch.allclose(out, none)
 
 
+def test_guidance_interval_is_decided_per_step_by_second_order_samplers():
+    """Heun's corrector at s is guided or not as its step's start t (w constant within a step), and w = 0 with an
+    interval holding every step is the unconditional model (unrescaled, as without an interval)."""
+    d, model = _setup()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cond, uncond = torch.zeros(64, dtype=torch.long), torch.full((1,), -1, dtype=torch.long)
+    lo, hi = 0.3, 2.0
+    batches, steps = [], []
+
+    def counted(x, t, c):
+        batches.append(x.shape[0])
+        return model(x, t, c)
+
+    def close_step(i, t, x, x0):
+        steps.append((t, batches.copy()))
+        batches.clear()
+
+    sample("heun", counted, x, d, steps=12, cond=cond, guidance=Guidance(scale=3.0, uncond=uncond, interval=(lo, hi)),
+           callback=close_step)
+    assert any(len(b) == 2 for _, b in steps)  # Heun steps with a corrector
+    for t, b in steps:
+        assert b == [128 if lo < _sigma(d, t) <= hi else 64] * len(b), (t, b)
+    zero = sample("ddim", model, x, d, steps=10, cond=cond, guidance=Guidance(scale=0.0, uncond=uncond, rescale=0.7,
+                                                                               interval=(0.0, 1e9)))
+    torch.testing.assert_close(zero, sample("ddim", model, x, d, steps=10, cond=cond,
+                                            guidance=Guidance(scale=0.0, uncond=uncond, rescale=0.7)), atol=0, rtol=0)
+
+
 def test_guidance_interval_is_decided_per_sample():
     """A batch whose samples sit at different noise levels: each gets w or 1 by its own σ (t = 10: σ ≈ 0.04;
     t = 900: σ ≈ 6)."""
