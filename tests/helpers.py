@@ -2,9 +2,17 @@
 
 import contextlib
 import json
+import socket
 from pathlib import Path
 
 import open_clip
+
+
+def free_port() -> int:
+    """A port free now on localhost, for a launch's rendezvous (two launches on xdist's workers must not share one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_hf_tokenizer(d: Path):

@@ -325,6 +325,7 @@ def test_recipes_run_on_cuda(launch_file, precision, extra, tmp_path):
     import sys
 
     from data.write_shards import write_toy
+    from helpers import free_port
 
     write_toy(tmp_path / "shards", count=64, resolution=16, max_samples=16)
     nproc = 1 if launch_file == "1gpu.yaml" else min(2, torch.cuda.device_count())
@@ -337,7 +338,7 @@ def test_recipes_run_on_cuda(launch_file, precision, extra, tmp_path):
             f"optim.mixed_precision={precision}", "logging.tracker=none", "logging.every=1", "logging.sample_every=0",
             "logging.sample_steps=2", "checkpoint.every=2", *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{launch_file}",
-           "--num_processes", str(nproc), "pipeline/train.py"]
+           "--num_processes", str(nproc), "--main_process_port", str(free_port()), "pipeline/train.py"]
     for max_steps, resume in [("2", []), ("4", ["--resume", "latest"])]:
         res = subprocess.run([*cmd, *args, "--max-steps", max_steps, *resume], cwd=ROOT, capture_output=True,
                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "4"})

@@ -10,7 +10,6 @@ import itertools
 import json
 import math
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from data.write_shards import write_toy
-from helpers import TINY_SD_OVERRIDES
+from helpers import TINY_SD_OVERRIDES, free_port
 from pipeline import distributed as dist
 from pipeline import train
 from pipeline.checkpoint import load_exported
@@ -77,12 +76,6 @@ def merged(*overrides: str) -> list[str]:
     return list({o.split("=", 1)[0]: o for o in overrides}.values())
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accelerate_launch(file: str, script: Path, args: list[str], nproc: int | None = None, env_extra=None,
                       ok=True, timeout=300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file launch/accelerate/FILE SCRIPT ARGS` on this CPU, 2 processes (1 for a
@@ -92,9 +85,9 @@ def accelerate_launch(file: str, script: Path, args: list[str], nproc: int | Non
     if launch_file(file)["distributed_type"] == "MULTI_GPU":
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: the CPU stand-in for NCCL
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"launch/accelerate/{file}",
-           "--num_processes", str(nproc)]
-    if nproc > 1:
-        cmd += ["--main_process_port", str(free_port())]
+           "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    # a port of its own even for one process: DeepSpeed's single process binds one too (Accelerate's default 29500),
+    # and two such launches on xdist's two workers collided there (EADDRINUSE)
     res = subprocess.run([*cmd, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert (res.returncode == 0) == ok, res.stdout[-3000:] + res.stderr[-6000:]
     return res
@@ -453,10 +446,10 @@ def test_incompatible_launches_are_refused_with_a_clear_message(shards, tmp_path
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     res = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--deepspeed_config_file",
-         str(tmp_path / "ds.json"), "--num_processes", "1", "pipeline/train.py", "--config", "launch/configs/demo.yaml",
-         "--output-dir", str(tmp_path / "batch"), "--max-steps", "2", f"data.shards={shards}", *SHRINK["demo.yaml"],
-         "logging.tracker=none"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300)
+         str(tmp_path / "ds.json"), "--num_processes", "1", "--main_process_port", str(free_port()), "pipeline/train.py",
+         "--config", "launch/configs/demo.yaml", "--output-dir", str(tmp_path / "batch"), "--max-steps", "2",
+         f"data.shards={shards}", *SHRINK["demo.yaml"], "logging.tracker=none"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "the DeepSpeed config sets train_micro_batch_size_per_gpu=16 but the run config gives 4 (optim.batch_size)" \
         in res.stdout + res.stderr
