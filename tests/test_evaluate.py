@@ -173,6 +173,23 @@ def test_frechet_distance_matches_sqrtm_formula(n, d):
     assert abs(frechet_distance(a, a)) < 1e-6 * abs(ref)
 
 
+@pytest.mark.parametrize("n_a,n_b", [(10, 30), (30, 10), (40, 200)])
+def test_frechet_distance_through_the_images_equals_the_full_covariance_route(n_a, n_b):
+    """Fewer images than features: tr (Σ_a Σ_b)^{1/2} from the n × n matrix A Σ_b Aᵀ equals the D × D route (statistics
+    read from an .npz, which keep no images), whichever side has the fewer images or only one side has them."""
+    rng = np.random.default_rng(n_a + n_b)
+    d = 64
+    a = FeatureStats.of(rng.normal(size=(n_a, d)) @ rng.normal(size=(d, d)) * 0.3)
+    b = FeatureStats.of(rng.normal(size=(n_b, d)) * 1.5 + 0.3)
+    assert a.root is not None and (b.root is not None) == (n_b <= d)
+    full = [FeatureStats(s.mu, s.sigma, s.n) for s in (a, b)]  # as load_stats returns them
+    ref = frechet_distance(*full)
+    assert ref > 1
+    for x, y in [(a, b), (b, a), (a, full[1]), (full[0], b), (full[1], a)]:
+        # (the D × D route takes √ of D − n eigenvalues that should be 0 and are ±1e-14: ~1e-8 relative)
+        assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)
+
+
 def test_precision_recall_match_a_brute_force_reference():
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(60, 5)), rng.normal(size=(50, 5)) * 1.4 + 0.5
@@ -303,7 +320,7 @@ def test_whole_job_end_to_end_and_resumable(inception_weights, tmp_path):
     assert all(real[f"attr_{a}"] == 1.0 for a in ATTRIBUTES) and real["attr_all"] == 1.0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts}
     assert len(stamps) == 12
-    second = evaluate.main(argv)
+    second = evaluate.main([*argv[:argv.index("--likelihood")], "--json"])  # (the likelihood: 6 s, tested above)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.png") if "images" in p.parts} == stamps  # nothing new
     assert second["results"] == first["results"]
     # other sampling settings into the same folder: refused (its images would be reused as if made with them)
