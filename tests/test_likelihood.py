@@ -355,22 +355,23 @@ def _nll(*argv):
 
 
 def test_nll_of_a_trained_model_is_finite_reproducible_and_has_the_documented_keys(demo, capsys):
-    args = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "5", "--batch-size", "3",
+    args = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "3", "--batch-size", "2",
             "--elbo-timesteps", "10", "--per-image", demo["tmp"] / "per_image.csv"]
     first = _nll(*args)
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"bits_per_dim", "bits_per_dim_stderr", "elbo_bits_per_dim", "elbo_bits_per_dim_stderr",
             "num_images"} <= printed.keys()
-    assert printed["num_images"] == 5 and "8-bit pixels" in printed["space"]
+    assert printed["num_images"] == 3 and "8-bit pixels" in printed["space"]
     for key in ("bits_per_dim", "bits_per_dim_stderr", "elbo_bits_per_dim", "elbo_bits_per_dim_stderr"):
         assert np.isfinite(printed[key]) and printed[key] >= 0, key
     # a barely trained model: near 8 bits/dim (uniform over 256 values); both are bounds on the same discrete NLL
     assert 3 < printed["bits_per_dim"] < 40 and 3 < printed["elbo_bits_per_dim"] < 40
     rows = (demo["tmp"] / "per_image.csv").read_text().splitlines()
-    assert rows[0].startswith("index,bits_per_dim,nfe,elbo_bits_per_dim") and len(rows) == 6
+    assert rows[0].startswith("index,bits_per_dim,nfe,elbo_bits_per_dim") and len(rows) == 4  # 2 batches
     # a method alone gives only its keys; reproducible from --seed (dequantisation and Hutchinson noise), and another
     # seed differs; unconditional differs from captioned
-    short = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "2"]
+    short = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "2", "--rtol", "1e-3", "--atol",
+             "1e-3"]  # (a looser ODE: a third of the evaluations; the solver's own tolerance is tested elsewhere)
     ode = _nll(*short, "--method", "ode")
     assert "bits_per_dim" in ode and "elbo_bits_per_dim" not in ode and ode["ode_evaluations_mean"] > 10
     assert _nll(*short, "--method", "ode") == ode

@@ -189,9 +189,10 @@ def test_first_training_loss_equals_diffusers_components(sd, shards, tmp_path, m
 
 def run_and_export(pretrained, shards, run, *extra):
     train.main(args(run, pretrained, shards, "--max-steps", "2", *extra))
+    from pipeline import export
+
     out = run / "diffusers"
-    subprocess.run([sys.executable, "pipeline/export.py", "--model", str(run / "model"), "--format", "diffusers",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    export.main(["--model", str(run / "model"), "--format", "diffusers", "--out", str(out)])
     return out
 
 
@@ -265,8 +266,9 @@ def test_single_file_in_train_single_file_out(sd, shards, tmp_path):
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["model_family"] == "diffusers" and cfg["diffusion"]["schedule"] == "scaled_linear"
     out = tmp_path / "out.safetensors"
-    subprocess.run([sys.executable, "pipeline/export.py", "--model", str(run / "model"), "--format", "single-file",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True, text=True, timeout=300)
+    from pipeline import export
+
+    export.main(["--model", str(run / "model"), "--format", "single-file", "--out", str(out)])
     back = open_sd(out, sd)
     ema = {k.removeprefix("unet."): v for k, v in load_file(str(run / "model" / "unet_ema.safetensors")).items()}
     same(back.unet_state(), ema)
