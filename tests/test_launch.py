@@ -150,12 +150,15 @@ CASES = [Case("1gpu.yaml", "base64.yaml", "bf16", 2, True),
          Case("8gpu_zero2.yaml", "demo.yaml", "no", 1, True),
          Case("8gpu_zero3.yaml", "demo.yaml", "bf16", 2, False),
          Case("8gpu_zero3.yaml", "base64.yaml", "no", 1, True)]
+
 # Resumed after step 2 (to 3): each launch file once, its case with the most state to restore (fp16's loss scaler,
 # then accumulation, then EMA), on the cheaper config where it ties — resume's exactness is tested per engine
 # elsewhere (test_train, the fault injection below), the configs differ only in sizes, and each resume is a launch.
+# ZeRO-2 is resumed by the fault injection (bf16, accumulation: the losses after the resume equal the run's) and the
+# diffusers family below (EMA), so none of its matrix cases is.
 RESUMED = {max((c for c in CASES if c.launch == f), key=lambda c: (c.precision == "fp16", c.accum, c.ema,
                                                                    c.config == "demo.yaml"))
-           for f in LAUNCH_FILES}
+           for f in LAUNCH_FILES if f != "8gpu_zero2.yaml"}
 RESUMED.add(Case("8gpu_zero2.yaml", "finetune_sd.yaml", "bf16", 1, True))  # the diffusers family, resumed exactly
 
 
