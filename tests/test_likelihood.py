@@ -367,7 +367,7 @@ def test_nll_of_a_trained_model_is_finite_reproducible_and_has_the_documented_ke
     # a barely trained model: near 8 bits/dim (uniform over 256 values); both are bounds on the same discrete NLL
     assert 3 < printed["bits_per_dim"] < 40 and 3 < printed["elbo_bits_per_dim"] < 40
     rows = (demo["tmp"] / "per_image.csv").read_text().splitlines()
-    assert rows[0].startswith("index,bits_per_dim,nfe,elbo_bits_per_dim") and len(rows) == 4  # 2 batches
+    assert rows[0].startswith("index,bits_per_dim,nfe,elbo_bits_per_dim") and len(rows) == 4
     # a method alone gives only its keys; reproducible from --seed (dequantisation and Hutchinson noise), and another
     # seed differs; unconditional differs from captioned
     short = ["--model", demo["model"], "--images", demo["shards"], "--num-images", "2", "--rtol", "1e-3", "--atol",

@@ -265,10 +265,16 @@ def test_single_file_in_train_single_file_out(sd, shards, tmp_path):
     train.main(args(run, file, shards, "--max-steps", "2", f"model.pretrained_config={sd}", "optim.lr=1e-2"))
     cfg = json.loads((run / "model" / "config.json").read_text())
     assert cfg["model_family"] == "diffusers" and cfg["diffusion"]["schedule"] == "scaled_linear"
-    out = tmp_path / "out.safetensors"
     from pipeline import export
 
+    out = tmp_path / "out.safetensors"
     export.main(["--model", str(run / "model"), "--format", "single-file", "--out", str(out)])
+    # the command itself, once in a process of its own: a wrong suffix is one line on stderr, nothing written
+    res = subprocess.run([sys.executable, "pipeline/export.py", "--model", str(run / "model"), "--format",
+                          "single-file", "--out", str(tmp_path / "out.bin")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0 and "error: --out" in res.stderr and "a single file is written as .safetensors" \
+        in res.stderr and "Traceback" not in res.stderr and not (tmp_path / "out.bin").exists()
     back = open_sd(out, sd)
     ema = {k.removeprefix("unet."): v for k, v in load_file(str(run / "model" / "unet_ema.safetensors")).items()}
     same(back.unet_state(), ema)
