@@ -78,3 +78,28 @@ def test_a_shape_on_an_off_palette_background_is_still_read():
         for a in right:
             right[a] += getattr(got, a) == getattr(want, a)
     assert n >= 150 and all(v / n >= 0.97 for v in right.values()), (n, right)
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+def test_the_background_is_read_from_its_area_not_its_frame(resolution):
+    """A VAE decoder renders an image's outermost pixels worst (zero-padded convolutions): a one-pixel frame moved
+    60% of the way to the nearest other toy background leaves the judged background, and the rest, right. A judge
+    that read the border alone calls every one of them the other background."""
+    palette = {n: np.asarray(c, np.float64) for n, c in BACKGROUNDS.items()}
+    images, captions, frames = [], [], []
+    for i in range(100):
+        want = toy_attributes(i, seed=6)
+        bg = palette[want.background]
+        other = min((n for n in palette if n != want.background), key=lambda n: np.linalg.norm(palette[n] - bg))
+        arr = np.asarray(render(want, resolution), np.float64)
+        frame = np.zeros(arr.shape[:2], bool)
+        frame[[0, -1], :] = frame[:, [0, -1]] = True
+        arr[frame] = bg + 0.6 * (palette[other] - bg)
+        images.append(arr.astype(np.uint8))
+        captions.append(want.caption)
+        frames.append(other)
+    acc = attribute_accuracy(images, captions)
+    assert all(acc[a] >= 0.99 for a in ATTRIBUTES), acc
+    # the frames alone would be read as the other background
+    border_only = [judge(np.broadcast_to(im[0, :1], im.shape)).background for im in images]
+    assert border_only == frames
