@@ -27,6 +27,7 @@ from .schedules import SCHEDULES, make_betas
 
 PREDICTIONS = ("epsilon", "v", "x0")
 WEIGHTINGS = ("simple", "elbo", "min_snr")
+TIMESTEP_SAMPLINGS = ("uniform", "stratified")
 SPACINGS = ("linspace", "leading", "trailing", "logsnr", "karras", "sd")
 
 # The smallest ᾱ the samplers and spacings work with. ᾱ_T = 0 (a zero-terminal-SNR schedule), and the ᾱ below this
@@ -48,6 +49,10 @@ class DiffusionConfig:
     prediction: str = "epsilon"  # epsilon | v | x0: what the network predicts
     loss_weighting: str = "simple"  # simple (c_n = 1) | elbo | min_snr
     min_snr_gamma: float = 5.0  # γ of Min-SNR-γ weighting (Hang et al. 2023)
+    # training's t ~ U{0..T−1}: "uniform" draws each sample's t independently (Ho et al. 2020); "stratified" spreads
+    # a global batch of G over G equal strata from one shared offset (VDM's low-discrepancy sampler, Kingma et al.
+    # 2021): each t is still uniform, so the loss is the same in expectation, with less variance per step
+    timestep_sampling: str = "uniform"
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -118,6 +123,7 @@ class GaussianDiffusion:
         _choice("schedule", cfg.schedule, SCHEDULES)
         if cfg.zero_terminal_snr and cfg.num_steps < 2:
             raise ValueError("zero_terminal_snr needs num_steps >= 2")
+        _choice("timestep_sampling", cfg.timestep_sampling, TIMESTEP_SAMPLINGS)
         betas = make_betas(cfg.schedule, cfg.num_steps, cfg.zero_terminal_snr)
         return cls(betas, cfg.prediction, cfg.loss_weighting, cfg.min_snr_gamma)
 
@@ -219,6 +225,14 @@ class GaussianDiffusion:
     def sample_timesteps(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """t ~ U{0, …, T−1} (Ho et al. 2020, Algorithm 1: t ~ Uniform({1, …, T})); int64 of shape (B,)."""
         return torch.randint(0, self.num_steps, (batch_size,), device=device, generator=generator)
+
+    def stratified_timesteps(self, offset: torch.Tensor, position: torch.Tensor, group: int) -> torch.Tensor:
+        """t = ⌊((u + j/G) mod 1) · T⌋ for the sample at place j of a group of G sharing the offset u ~ U[0, 1)
+        (Kingma et al. 2021, the low-discrepancy sampler of Variational Diffusion Models): the group's G timesteps
+        fall one in each stratum [iT/G, (i+1)T/G), and each is uniform on {0, …, T−1} as u is. offset: float (B,)
+        (the u of each sample's group), position: int (B,) in [0, G) → int64 (B,) on offset's device."""
+        frac = torch.remainder(offset.double() + position.double() / group, 1.0)
+        return (frac * self.num_steps).long().clamp_(max=self.num_steps - 1)
 
     def loss_weights(self, t: torch.Tensor) -> torch.Tensor:
         """Per-example weight on the MSE of the native target (ε, v or x_0); float64 of shape (B,).

@@ -99,13 +99,21 @@ def drop_captions(captions: list[str], index: list[int], p: float, seed: int) ->
     return ["" if d else c for c, d in zip(captions, drop)], sum(drop)
 
 
-def sample_draws(diffusion, x0: torch.Tensor, index: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_draws(diffusion, x0: torch.Tensor, index: list[int], seed: int,
+                 stratify: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(t (B,), ε (B, ...)) of each sample from its own generator, seeded by the run's seed and the sample's global
     index: a sample gets the same timestep and noise whatever the batch, rank or number of processes it lands in
-    (elastic resume continues the loss curve). Drawn on x0's device, in its dtype."""
+    (elastic resume continues the loss curve). Drawn on x0's device, in its dtype. With ``stratify`` = G (the global
+    batch, the same on any number of processes) the timesteps of each global batch k·G … k·G + G − 1 are stratified
+    instead, from an offset seeded by (seed, k)."""
     gens = [torch.Generator(x0.device).manual_seed(hash_seed(seed, g, 1)) for g in index]
     t = torch.cat([torch.randint(0, diffusion.num_steps, (1,), generator=g, device=x0.device) for g in gens])
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype) for g in gens])
+    if stratify:
+        offset = torch.tensor([np.random.default_rng(hash_seed(seed, g // stratify, 3)).random() for g in index],
+                              device=x0.device)
+        position = torch.tensor([g % stratify for g in index], device=x0.device)
+        t = diffusion.stratified_timesteps(offset, position, stratify)
     return t, noise
 
 
@@ -528,7 +536,9 @@ def train_step(cfg: TrainConfig, accelerator, inputs: Inputs, engine: Engine, di
         if getattr(inputs.unet_cfg, "micro_conditioning", False):
             cond["micro"] = batch_micro(batch, captions, inputs.vae, device)
         x0 = batch_input(batch, inputs.vae, device)
-        t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed)
+        t, noise = sample_draws(diffusion, x0, batch.index, cfg.train.seed,
+                                inputs.loader.layout.global_batch if cfg.diffusion.timestep_sampling == "stratified"
+                                else None)
         with accelerator.accumulate(engine.model):
             with accelerator.autocast():  # the forward and the loss only (PyTorch's advice for autocast)
                 loss = diffusion.training_losses(engine.net, x0, cond, t=t, noise=noise)["loss"].mean()

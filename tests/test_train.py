@@ -130,6 +130,39 @@ def test_timestep_and_noise_follow_the_sample_not_the_batch():
     assert not torch.equal(train.sample_draws(d, x0, list(range(10, 16)), seed=4)[1], noise)
 
 
+def test_stratified_timesteps_follow_the_global_batch_not_the_micro_batch():
+    """diffusion.timestep_sampling=stratified: global batch k (indices kG … kG + G − 1) has one t in each of the G
+    strata, whichever rank or micro-batch each sample lands in; the noise is the uniform draws' noise."""
+    from diffusion import DiffusionConfig, GaussianDiffusion
+
+    d = GaussianDiffusion.from_config(DiffusionConfig())
+    x0 = torch.zeros(8, 3, 4, 4)
+    t, noise = train.sample_draws(d, x0, list(range(16, 24)), seed=3, stratify=8)
+    assert sorted((t // 125).tolist()) == list(range(8))  # 1000 steps in 8 strata of 125
+    halves = [train.sample_draws(d, x0[:4], list(range(i, i + 4)), seed=3, stratify=8) for i in (16, 20)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), t)
+    assert torch.equal(noise, train.sample_draws(d, x0, list(range(16, 24)), seed=3)[1])
+    nxt, _ = train.sample_draws(d, x0, list(range(24, 32)), seed=3, stratify=8)
+    assert sorted((nxt // 125).tolist()) == list(range(8)) and not torch.equal(nxt, t)  # a new offset per batch
+
+
+def test_a_run_with_stratified_timesteps_draws_them_per_global_batch(shards, tmp_path, monkeypatch):
+    from diffusion.gaussian import GaussianDiffusion
+
+    real, seen = GaussianDiffusion.training_losses, []
+
+    def record(self, model, x0, cond=None, t=None, noise=None, generator=None):
+        seen.append(t.clone())
+        return real(self, model, x0, cond, t=t, noise=noise, generator=generator)
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", record)
+    train.main(small(shards, tmp_path / "run", "--max-steps", "2", "optim.grad_accum=2",
+                     "optim.batch_size=4", "diffusion.timestep_sampling=stratified"))
+    assert len(seen) == 4  # 2 steps × 2 micro-batches of 4: each step's 8 timesteps, one per stratum of 125
+    for step in (seen[:2], seen[2:]):
+        assert sorted((torch.cat(step) // 125).tolist()) == list(range(8))
+
+
 # --- one process ---------------------------------------------------------------------------------------------------
 
 def test_short_run_lowers_loss_exports_and_logs(shards, tmp_path):
