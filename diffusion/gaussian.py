@@ -228,9 +228,10 @@ class GaussianDiffusion:
 
     def stratified_timesteps(self, offset: torch.Tensor, position: torch.Tensor, group: int) -> torch.Tensor:
         """t = ⌊((u + j/G) mod 1) · T⌋ for the sample at place j of a group of G sharing the offset u ~ U[0, 1)
-        (Kingma et al. 2021, the low-discrepancy sampler of Variational Diffusion Models): the group's G timesteps
-        fall one in each stratum [iT/G, (i+1)T/G), and each is uniform on {0, …, T−1} as u is. offset: float (B,)
-        (the u of each sample's group), position: int (B,) in [0, G) → int64 (B,) on offset's device."""
+        (Kingma et al. 2021, the low-discrepancy sampler of Variational Diffusion Models): the group's G values of
+        (u + j/G) mod 1 fall one in each [i/G, (i+1)/G), so its timesteps fall one in each stratum [iT/G, (i+1)T/G)
+        when G divides T (to within a step otherwise), and each t is uniform on {0, …, T−1} as u is. offset: float
+        (B,) (the u of each sample's group), position: int (B,) in [0, G) → int64 (B,) on offset's device."""
         frac = torch.remainder(offset.double() + position.double() / group, 1.0)
         return (frac * self.num_steps).long().clamp_(max=self.num_steps - 1)
 

@@ -7,9 +7,9 @@ The judge (for images at any resolution, e.g. 32 px):
   the palette); shape, size and position together are the toy template
   (the renderer's own shape mask at this resolution: 4 shapes × 2 sizes × 5 positions) of highest IoU with it;
 - colour: the median colour of the foreground pixels inside that template, nearest of the toy colours;
-- background: the median colour of every pixel away from that template, nearest of the toy backgrounds. Not the
-  border alone: a VAE decoder (zero-padded convolutions) renders the outermost pixels worst — on the toy VAE's
-  round trips of real images the one-pixel border is off by nearly twice the error of the pixels 2–5 steps inside — and
+- background: the median colour of every pixel away from that template, nearest of the toy backgrounds (the
+  border's below 32 px, when a large shape leaves under a tenth of the image). Not the border alone: a VAE decoder (zero-padded convolutions) renders the outermost pixels worst — on the toy VAE's
+  round trips of real images the one-pixel border is off by 1.6–1.9 times the error of the pixels 2–5 steps inside — and
   a person reads a background by its area, not its frame (benchmarks/README.md, "The latent demo under guidance").
 
 It is validated on real toy images (every attribute ≥ 99% right, tests/test_toy_attributes.py) and on images rendered
@@ -90,10 +90,13 @@ def judge(image) -> ToyAttributes:
     alpha = np.clip(((arr - bg) @ (c - bg)) / max(float((c - bg) @ (c - bg)), 1e-9), 0, 1)
     best = _best_template(alpha, cover)
     shape, size, position = keys[best]
-    # the background: every pixel at least R/32 pixels (≥ 1) away from that template's coverage, so neither its
-    # anti-aliased edge nor a slightly larger drawn shape counts; at least half the image is left
+    # the background: every pixel more than R/32 pixels (≥ 1) from that template's coverage, so neither its
+    # anti-aliased edge nor a slightly larger drawn shape counts (≥ 37% of the image is left at 32 px, 51% at 64).
+    # Below 32 px a large shape can leave almost nothing (none at 8 px): with under a tenth of the image left, the
+    # border is read instead
     away = ~_grow(cover[best] > 0, max(1, arr.shape[0] // 32))
-    background = _nearest(np.median(arr[away], axis=0), BACKGROUNDS)
+    area = arr[away] if away.sum() >= arr.shape[0] ** 2 / 10 else border
+    background = _nearest(np.median(area, axis=0), BACKGROUNDS)
     return ToyAttributes(shape, colour, size, position, background)
 
 

@@ -110,8 +110,8 @@ def sample_draws(diffusion, x0: torch.Tensor, index: list[int], seed: int,
     t = torch.cat([torch.randint(0, diffusion.num_steps, (1,), generator=g, device=x0.device) for g in gens])
     noise = torch.stack([torch.randn(x0.shape[1:], generator=g, device=x0.device, dtype=x0.dtype) for g in gens])
     if stratify:
-        offset = torch.tensor([np.random.default_rng(hash_seed(seed, g // stratify, 3)).random() for g in index],
-                              device=x0.device)
+        u = {k: np.random.default_rng(hash_seed(seed, k, 3)).random() for k in {g // stratify for g in index}}
+        offset = torch.tensor([u[g // stratify] for g in index], dtype=torch.float64, device=x0.device)
         position = torch.tensor([g % stratify for g in index], device=x0.device)
         t = diffusion.stratified_timesteps(offset, position, stratify)
     return t, noise

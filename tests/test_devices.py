@@ -78,6 +78,7 @@ def test_training_draws_and_validation_run_on_the_datas_device(tmp_path):
     t, noise = sample_draws(d, x0.to(torch.float64), [5, 6, 7], seed=0)
     assert t.device == noise.device == x0.device and noise.dtype == torch.float64  # the data's device and dtype
     assert sample_draws(d, x0, [5, 6, 7], seed=0, stratify=4)[0].device == x0.device
+    assert d.stratified_timesteps(torch.rand(3, device=META), torch.arange(3, device=META), 4).device == META
     write_toy(tmp_path / "held", count=4, resolution=8, max_samples=4)
 
     class Encoder:  # a CPU text encoder, as the frozen one often is: its outputs are moved to the model's device

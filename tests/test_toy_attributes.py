@@ -80,6 +80,19 @@ def test_a_shape_on_an_off_palette_background_is_still_read():
     assert n >= 150 and all(v / n >= 0.97 for v in right.values()), (n, right)
 
 
+def test_a_shape_that_leaves_little_background_is_judged_by_the_border():
+    """At 8 px a large centred shape leaves no pixel away from it, at 16 px a few corner pixels: the border decides."""
+    import warnings
+
+    for resolution in (8, 16):
+        for shape in SHAPES:
+            want = replace(toy_attributes(0), shape=shape, colour="red", size="large", position="center",
+                           background="light blue")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # an empty area's median would warn and read as "white"
+                assert judge(render(want, resolution)).background == "light blue"
+
+
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_the_background_is_read_from_its_area_not_its_frame(resolution):
     """A VAE decoder renders an image's outermost pixels worst (zero-padded convolutions): a one-pixel frame moved
