@@ -115,8 +115,7 @@ if [ "$LATENT" = 1 ]; then
   LATENT_REPORT=(--latent-run "$OUT/latent_run" --latent-samples "$OUT/latent_samples" --latent-eval "$OUT/latent_eval"
     --latent-note "The latent run: 64 px toy images, a VAE trained here for $VAE_STEPS steps (pipeline/train_vae.py; \
 reconstruction PSNR $PSNR dB, 16×16×4 latents), the latents precomputed once (pipeline/precompute.py latents), the \
-same tiny U-Net and text tower, the pixel run's recipe at twice its learning rate and with stratified timesteps \
-(launch/configs/demo_latent.yaml). \
+same tiny U-Net and text tower, the pixel run's recipe at twice its learning rate (launch/configs/demo_latent.yaml). \
 Its images have twice the pixel run's resolution. Its guidance acts only at noise levels 0.28 < σ ≤ 2.9 and is \
 rescaled (φ = 0.7).")
 fi
