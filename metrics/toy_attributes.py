@@ -8,9 +8,10 @@ The judge (for images at any resolution, e.g. 32 px):
   (the renderer's own shape mask at this resolution: 4 shapes × 2 sizes × 5 positions) of highest IoU with it;
 - colour: the median colour of the foreground pixels inside that template, nearest of the toy colours;
 - background: the median colour of every pixel away from that template, nearest of the toy backgrounds (the
-  border's below 32 px, when a large shape leaves under a tenth of the image). Not the border alone: a VAE decoder (zero-padded convolutions) renders the outermost pixels worst — on the toy VAE's
-  round trips of real images the one-pixel border is off by 1.6–1.9 times the error of the pixels 2–5 steps inside — and
-  a person reads a background by its area, not its frame (benchmarks/README.md, "The latent demo under guidance").
+  border's below 32 px, when a large shape leaves under a tenth of the image). Not the border alone: a VAE decoder
+  (zero-padded convolutions) renders the outermost pixels worst — on the toy VAE's round trips of real images the
+  one-pixel border is off by 1.6–1.9 times the error of the pixels 2–5 steps inside — and a person reads a
+  background by its area, not its frame (benchmarks/README.md, "The latent demo under guidance").
 
 It is validated on real toy images (every attribute ≥ 99% right, tests/test_toy_attributes.py) and on images rendered
 with one attribute changed (caught).
