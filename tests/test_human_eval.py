@@ -994,7 +994,7 @@ def test_page_in_headless_chromium_a_full_blind_study_through_a_server_restart(t
         assert len(Study(study_dir).votes()) == 10
 
         page.goto(url)  # a reload (same browser): the name and key are remembered, the third pair comes back
-        assert page.input_value("#name") == "ann"
+        expect(page.locator("#name")).to_have_value("ann")  # restored once the page has read the study (async)
         page.click("#start")
         expect(page.locator("#progress")).to_have_text("Judged 2 of 3 pairs")
         wait_until_ready(page)
