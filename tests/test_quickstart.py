@@ -68,6 +68,9 @@ def test_shortened_quickstart_end_to_end(tmp_path):
     assert "Latent run: does each image follow its caption?" in report
     # bits/dim of held-out images in both runs: pixels (dequantised) and latents, each said so
     assert results["likelihood"]["num_images"] == 3 and lres["likelihood"]["num_images"] == 3
+    # DPM-Solver++(2M) in 15 steps and the ODE at rtol 1e-3: what pays for the latent run's longer training
+    assert (results["sampler"], results["steps"]) == (lres["sampler"], lres["steps"]) == ("dpmpp_2m", 15)
+    assert results["likelihood"]["ode"]["rtol"] == lres["likelihood"]["ode"]["rtol"] == 1e-3
     assert "## Likelihood" in report and "### Latent run: likelihood" in report
     assert "bits/dim through the probability-flow ODE" in report and "Space: latents of the VAE" in report
     # idempotent: a second run reuses everything and only rewrites the report
