@@ -66,7 +66,7 @@ train_unet() {
 # sample_and_evaluate MODEL SAMPLES EVAL HELD_OUT [guidance options...]: the prompt grid and the evaluation job, each
 # redone only when the model is newer than its output (an older evaluation's images are then removed, not reused).
 # DPM-Solver++(2M) in 15 steps: the same scores as DDIM in 25 at 0.6 of the time, and the ODE likelihood at rtol 1e-3:
-# within 0.002 bits/dim of 1e-4 (a twentieth of its standard error) at 0.6 of the network calls (benchmarks/README.md,
+# within 0.004 bits/dim of 1e-4 (a tenth of its standard error) at 0.6 of the network calls (benchmarks/README.md,
 # "Session 40"); the time saved pays for half of the latent U-Net's longer training.
 sample_and_evaluate() {
   local model=$1 samples=$2 eval=$3 held_out=$4; shift 4
